@@ -1,0 +1,81 @@
+"""Model resolution: a local directory, or a model id found in the Hugging Face cache, offline.
+
+Follows the cache layout that huggingface_hub writes (its "Manage cache" guide), without importing it and
+without network access:
+
+    <cache>/models--{org}--{name}/refs/main            the commit hash the main branch pointed to
+    <cache>/models--{org}--{name}/snapshots/<commit>/   the files of that commit (symlinks into blobs/)
+
+<cache> is $HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from tinyvlm.errors import ModelNotFound
+
+# An id is "org/name" (or a bare "name"): letters, digits, '-', '_' and '.', one slash at most.
+_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache directory, from the same environment variables huggingface_hub reads."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def resolve_model(path_or_id: str | Path) -> Path:
+    """An existing directory as is; otherwise the cached snapshot of the model id `org/name`."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    how = f"download it with `huggingface-cli download {path_or_id}` or pass a local directory"
+    if path.exists():
+        raise ModelNotFound(f"{path} is a file; pass the model directory (holding config.json and the weights)")
+    if isinstance(path_or_id, Path) or not _MODEL_ID.fullmatch(path_or_id):
+        raise ModelNotFound(f"no model directory {path}; pass a directory holding config.json and the weights")
+    repo = hub_cache_dir() / ("models--" + path_or_id.replace("/", "--"))
+    if not repo.is_dir():
+        raise ModelNotFound(f"model {path_or_id!r} not found: no directory {path} and no cache entry {repo}; {how}")
+    return _snapshot(path_or_id, repo, how)
+
+
+def _snapshot(model_id: str, repo: Path, how: str) -> Path:
+    """The snapshot refs/main points to, or the only snapshot when refs/main is absent."""
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+        snapshot = repo / "snapshots" / commit
+        if commit and "/" not in commit and snapshot.is_dir():
+            return snapshot
+        raise ModelNotFound(f"model {model_id!r}: {ref} names commit {commit!r}, but {snapshot} is missing; {how}")
+    snapshots = _snapshots(repo)
+    if len(snapshots) == 1:
+        return snapshots[0]
+    found = f"{len(snapshots)} snapshots" if snapshots else "no snapshot"
+    raise ModelNotFound(f"model {model_id!r}: {ref} is missing and {repo / 'snapshots'} holds {found}; {how}")
+
+
+def _snapshots(repo: Path) -> list[Path]:
+    snapshots = repo / "snapshots"
+    return sorted(p for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
+
+
+def find_cached_models(name_filter: str = "MobileVLM") -> list[str]:
+    """Sorted ids of cached models that have a snapshot and whose id contains `name_filter` (any case)."""
+    cache = hub_cache_dir()
+    if not cache.is_dir():
+        return []
+    ids = []
+    for repo in cache.glob("models--*"):
+        model_id = repo.name[len("models--") :].replace("--", "/", 1)
+        if name_filter.lower() in model_id.lower() and _snapshots(repo):
+            ids.append(model_id)
+    return sorted(ids)

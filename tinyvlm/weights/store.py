@@ -1,0 +1,178 @@
+"""TensorStore: one read-only, name-addressed view over a checkpoint's weight files, with strict loading.
+
+Opens Hugging Face checkpoint directories as shipped (mobilevlm.md 1.2): a single `model.safetensors` or
+`pytorch_model.bin`, or shards listed in `*.index.json` (`weight_map`: tensor name -> shard file). The format
+of each file is told by its first bytes (a zip signature or a safetensors header), not by its suffix.
+Names are the checkpoint's own (style.md b2); `check` compares them with what a model expects, nanoGPT-style
+but reporting every problem at once (style.md b3).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from tinyvlm.errors import ModelNotFound, WeightsError
+from tinyvlm.weights.safetensors import FLOAT_TAGS, RawTensor, read_safetensors
+from tinyvlm.weights.torch_bin import ZIP_MAGIC, read_torch_bin
+
+# Looked for in this order inside a model directory.
+CHECKPOINT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+MAX_LISTED = 20  # names listed per kind of problem in a check() error
+
+
+def is_ignorable_buffer(name: str) -> bool:
+    """Non-persistent buffers that some checkpoints carry and the model recomputes (RoPE inv_freq, position ids)."""
+    return name.endswith("rotary_emb.inv_freq") or name.rsplit(".", 1)[-1] == "position_ids"
+
+
+class TensorStore:
+    """Read-only access by name to the tensors of one or more weight files."""
+
+    def __init__(self, tensors: dict[str, RawTensor], files: dict[str, Path]) -> None:
+        self._tensors = tensors
+        self._files = files  # tensor name -> the file it lives in
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._raw(name).data.shape)
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype tag: "F32", "F16", "BF16", "I64", ..."""
+        return self._raw(name).dtype
+
+    def file_of(self, name: str) -> Path:
+        self._raw(name)
+        return self._files[name]
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._files.values()))
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a C-contiguous array: float32 for float tensors, the stored dtype otherwise.
+
+        A contiguous F32 tensor is returned as a read-only view of the memory-mapped file (no copy);
+        F16/BF16/F64 and non-contiguous tensors are converted into a new array.
+        """
+        raw = self._raw(name)
+        if raw.dtype == "BF16":
+            # bf16 is the top half of a float32: put the 16 bits there and reinterpret
+            return (raw.data.astype(np.uint32, order="C") << 16).view(np.float32)
+        if raw.dtype in FLOAT_TAGS:
+            if raw.data.dtype == np.float32 and raw.data.flags.c_contiguous:
+                return raw.data
+            return raw.data.astype(np.float32, order="C")
+        return np.ascontiguousarray(raw.data)
+
+    def check(
+        self,
+        expected: dict[str, tuple[int, ...]],
+        *,
+        optional: Iterable[str] = (),
+        ignore: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Raise one WeightsError listing every missing, unexpected and mis-shaped tensor; return if none.
+
+        `optional` names may be absent (and, when present, are not unexpected); `ignore(name)` marks present
+        tensors that the model does not use (e.g. is_ignorable_buffer). Optional names found in `expected`
+        are still shape-checked.
+        """
+        optional = set(optional)
+        missing = [n for n in expected if n not in self._tensors and n not in optional]
+        unexpected = [
+            n for n in self._tensors
+            if n not in expected and n not in optional and not (ignore is not None and ignore(n))
+        ]
+        misshaped = [
+            f"{n} (file {list(self.shape(n))}, expected {list(shape)})"
+            for n, shape in expected.items()
+            if n in self._tensors and self.shape(n) != tuple(shape)
+        ]
+        if not (missing or unexpected or misshaped):
+            return
+        problems = [
+            f"{label} ({len(items)}): {_listing(sorted(items))}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+            if items
+        ]
+        files = ", ".join(str(f) for f in self.files())
+        raise WeightsError(f"{files}: the weights do not match the model; {'; '.join(problems)}")
+
+    def _raw(self, name: str) -> RawTensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise WeightsError(f"no tensor {name!r} in {', '.join(str(f) for f in self.files())}") from None
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown if len(names) <= MAX_LISTED else f"{shown} ... and {len(names) - MAX_LISTED} more"
+
+
+def open_file(path: Path) -> TensorStore:
+    """Open one weight file (safetensors or torch zip-pickle, told apart by its first bytes)."""
+    path = Path(path)
+    tensors = _read_any(path)
+    return TensorStore(tensors, dict.fromkeys(tensors, path))
+
+
+def open_checkpoint(model_dir: Path) -> TensorStore:
+    """Open the weights of a Hugging Face model directory (see CHECKPOINT_FILES for the order tried)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelNotFound(f"{model_dir}: not a directory; expected a model directory holding the weight files")
+    for filename in CHECKPOINT_FILES:
+        path = model_dir / filename
+        if path.is_file():
+            return _open_index(path) if filename.endswith(".index.json") else open_file(path)
+    raise WeightsError(f"{model_dir}: no weight file found; looked for {', '.join(CHECKPOINT_FILES)}")
+
+
+def _open_index(index_path: Path) -> TensorStore:
+    """Open the shards an index's weight_map names, checking that each shard holds the tensors mapped to it."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightsError(f"{index_path}: not a readable index (expected JSON with a 'weight_map' object): {e}") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    tensors: dict[str, RawTensor] = {}
+    files: dict[str, Path] = {}
+    for shard_name in sorted(set(weight_map.values())):
+        if Path(shard_name).name != shard_name:
+            raise WeightsError(f"{index_path}: shard {shard_name!r} is not a plain file name in the same directory")
+        shard = index_path.parent / shard_name
+        if not shard.is_file():
+            raise WeightsError(f"{index_path}: names shard {shard_name}, which is missing from {index_path.parent}")
+        for name, raw in _read_any(shard).items():
+            if name in tensors:
+                raise WeightsError(f"{index_path}: tensor {name!r} is in both {files[name].name} and {shard_name}")
+            tensors[name], files[name] = raw, shard
+    for name, shard_name in weight_map.items():
+        if files.get(name, Path()).name != shard_name:
+            raise WeightsError(f"{index_path}: maps {name!r} to {shard_name}, but that shard does not hold it")
+    return TensorStore(tensors, files)
+
+
+def _read_any(path: Path) -> dict[str, RawTensor]:
+    """Dispatch on magic bytes: a zip archive is a torch checkpoint; a length + '{' header is safetensors."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == ZIP_MAGIC:
+        return read_torch_bin(path)
+    if len(head) == 9 and head[8:9] == b"{":
+        return read_safetensors(path)
+    raise WeightsError(f"{path}: neither a safetensors file nor a PyTorch zip checkpoint (or truncated)")
