@@ -1,0 +1,385 @@
+"""The LLaMA SentencePiece BPE tokenizer that MobileVLM ships, run through the `tokenizers` library.
+
+MobileVLM checkpoints ship `tokenizer.model`, a SentencePiece ModelProto (protobuf). We read it with our own
+small protobuf wire-format reader (no sentencepiece or protobuf import) and rebuild it as a `tokenizers` BPE
+model that behaves like the reference's slow `LlamaTokenizer` with legacy=True (../shared/design/mobilevlm.md
+section 7):
+
+* normalizer: prepend the dummy prefix "▁", then every " " becomes "▁"; no pre-tokenizer split;
+* model: BPE with byte fallback; SentencePiece merges the adjacent pair whose merged piece has the highest
+  score, so the merge list is every (left, right) split of every piece, ranked by the merged piece's score;
+* special tokens (<unk>, <s>, </s>) are matched in the raw text as `tokenizers` added tokens, and the text
+  after one is normalized on its own, so it gets a dummy prefix too (the "legacy" behaviour);
+* decoder: "▁" -> " ", byte fallback, fuse, strip one leading space.
+
+Field numbers follow sentencepiece_model.proto as compiled into the sentencepiece package
+(sentencepiece_model_pb2.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers
+
+from tinyvlm.errors import TokenizerError
+
+SPACE = "\u2581"  # "▁", SentencePiece's escaped whitespace
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+# SentencePiece.Type and TrainerSpec.ModelType enum values.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+UNIGRAM, BPE = 1, 2
+
+# ----------------------------------------------------------------------------------------------------------
+# Protobuf wire format: just enough to read a SentencePiece ModelProto.
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """Decode a base-128 varint at buf[pos]; return (value, next position)."""
+    value, shift = 0, 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError(f"truncated or overlong varint at byte {pos}")
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """Yield (field number, value) for one message: ints for varints, raw bytes for the other wire types."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _varint(buf, pos)
+            yield number, value
+            continue
+        if wire_type == 2:
+            size, pos = _varint(buf, pos)
+        elif wire_type in (1, 5):  # fixed64, fixed32
+            size = 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type} for field {number} at byte {pos}")
+        if pos + size > len(buf):
+            raise ValueError(f"field {number} runs past the end of its message ({pos + size} > {len(buf)})")
+        yield number, buf[pos : pos + size]
+        pos += size
+
+
+def _int32(value: int) -> int:
+    """A varint-encoded int32: negative numbers arrive as 64-bit two's complement."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@dataclass(frozen=True)
+class SentencePieceModel:
+    """The parts of a SentencePiece ModelProto that tokenization needs (proto2 defaults where absent)."""
+
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]
+    model_type: int = UNIGRAM  # TrainerSpec 3
+    byte_fallback: bool = False  # TrainerSpec 35
+    unk_id: int = 0  # TrainerSpec 40
+    bos_id: int = 1  # TrainerSpec 41
+    eos_id: int = 2  # TrainerSpec 42
+    pad_id: int = -1  # TrainerSpec 43
+    precompiled_charsmap: bytes = b""  # NormalizerSpec 2
+    add_dummy_prefix: bool = True  # NormalizerSpec 3
+    remove_extra_whitespaces: bool = True  # NormalizerSpec 4
+    escape_whitespaces: bool = True  # NormalizerSpec 5
+
+
+def parse_sentencepiece(data: bytes) -> SentencePieceModel:
+    """Parse ModelProto bytes: field 1 pieces, 2 TrainerSpec, 3 NormalizerSpec (others ignored)."""
+    pieces: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
+    spec: dict[str, Any] = {}
+    trainer_keys = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id", 43: "pad_id"}
+    normalizer_keys = {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
+    for number, value in _fields(data):
+        if number == 1 and isinstance(value, bytes):
+            piece, score, kind = "", 0.0, NORMAL
+            for sub, sub_value in _fields(value):
+                if sub == 1 and isinstance(sub_value, bytes):
+                    piece = sub_value.decode("utf-8")
+                elif sub == 2 and isinstance(sub_value, bytes) and len(sub_value) == 4:
+                    score = struct.unpack("<f", sub_value)[0]
+                elif sub == 3 and isinstance(sub_value, int):
+                    kind = sub_value
+            pieces.append(piece)
+            scores.append(score)
+            types.append(kind)
+        elif number == 2 and isinstance(value, bytes):
+            for sub, sub_value in _fields(value):
+                if sub in trainer_keys and isinstance(sub_value, int):
+                    key = trainer_keys[sub]
+                    spec[key] = bool(sub_value) if key == "byte_fallback" else _int32(sub_value)
+        elif number == 3 and isinstance(value, bytes):
+            for sub, sub_value in _fields(value):
+                if sub in normalizer_keys and isinstance(sub_value, int):
+                    spec[normalizer_keys[sub]] = bool(sub_value)
+                elif sub == 2 and isinstance(sub_value, bytes):
+                    spec["precompiled_charsmap"] = sub_value
+    return SentencePieceModel(pieces, scores, types, **spec)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SentencePiece model -> tokenizers.Tokenizer
+
+
+def _check_supported(sp: SentencePieceModel, path: Path) -> None:
+    """Only LLaMA-style models: BPE, byte fallback, identity normalizer, whitespace escaped, kept as is."""
+    problems = []
+    if sp.model_type != BPE:
+        name = {UNIGRAM: "unigram", 3: "word", 4: "char"}.get(sp.model_type, str(sp.model_type))
+        problems.append(f"model type is {name}, expected BPE")
+    if not sp.byte_fallback:
+        problems.append("byte_fallback is off")
+    if sp.precompiled_charsmap:
+        problems.append("it has a normalization charsmap (e.g. nmt_nfkc), expected the identity normalizer")
+    if sp.remove_extra_whitespaces:
+        problems.append("remove_extra_whitespaces is on")
+    if not sp.escape_whitespaces:
+        problems.append("escape_whitespaces is off")
+    if not sp.pieces:
+        problems.append("it has no pieces")
+    if len(set(sp.pieces)) != len(sp.pieces):
+        problems.append("some pieces appear twice")
+    if problems:
+        raise TokenizerError(f"{path}: unsupported SentencePiece model ({'; '.join(problems)}); "
+                             "tinyvlm reads LLaMA-style BPE tokenizers only")
+    for name, i in (("unk_id", sp.unk_id), ("bos_id", sp.bos_id), ("eos_id", sp.eos_id)):
+        if not 0 <= i < len(sp.pieces):
+            raise TokenizerError(f"{path}: {name} {i} is not a piece id (the model has {len(sp.pieces)} pieces)")
+
+
+def bpe_merges(pieces: Sequence[str], scores: Sequence[float], mergeable: Sequence[bool]) -> list[tuple[str, str]]:
+    """Every (left, right) split of a mergeable piece whose halves are mergeable pieces, best score first.
+
+    Ties (equal scores) are ranked by the merged piece's id, then by the left piece's length.
+    """
+    ids = {p: i for i, p in enumerate(pieces) if mergeable[i]}
+    ranked = []
+    for piece, i in ids.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                ranked.append((-scores[i], i, cut, left, right))
+    ranked.sort()
+    return [(left, right) for _, _, _, left, right in ranked]
+
+
+def _build(sp: SentencePieceModel) -> tokenizers.Tokenizer:
+    """The `tokenizers` pipeline described in the module docstring."""
+    mergeable = [t == NORMAL for t in sp.types]
+    vocab = {piece: i for i, piece in enumerate(sp.pieces)}
+    bpe = models.BPE(vocab=vocab, merges=bpe_merges(sp.pieces, sp.scores, mergeable),
+                     unk_token=sp.pieces[sp.unk_id], byte_fallback=True, fuse_unk=True)
+    tk = tokenizers.Tokenizer(bpe)
+    steps = [normalizers.Replace(" ", SPACE)]
+    decode_steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if sp.add_dummy_prefix:
+        steps.insert(0, normalizers.Prepend(SPACE))
+        decode_steps.append(decoders.Strip(" ", 1, 0))
+    tk.normalizer = normalizers.Sequence(steps)
+    tk.decoder = decoders.Sequence(decode_steps)
+    tk.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                           for p, t in zip(sp.pieces, sp.types) if t in (UNKNOWN, CONTROL)])
+    tk.add_tokens([AddedToken(p, special=False, normalized=True)
+                   for p, t in zip(sp.pieces, sp.types) if t == USER_DEFINED])
+    return tk
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"{path}: cannot read it as JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _token_name(value: Any) -> str | None:
+    """A special token in a config file: a string or an AddedToken dict {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
+    """A tokenizer.json that holds a SentencePiece-style (byte-fallback BPE) tokenizer."""
+    model = _read_json(path).get("model", {})
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise TokenizerError(f"{path}: expected a SentencePiece-style BPE model with byte_fallback, "
+                             f"found type {model.get('type')!r} with byte_fallback {model.get('byte_fallback')!r}")
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises plain Exception
+        raise TokenizerError(f"{path}: cannot load it ({err})") from err
+
+
+class Tokenizer:
+    """Encode text to LLaMA token ids and decode ids back to text. Build with from_dir or from_sentencepiece."""
+
+    def __init__(self, tk: tokenizers.Tokenizer, bos_id: int, eos_id: int, add_bos_token: bool = True) -> None:
+        self._tk = tk
+        self._bos_id = bos_id
+        self._eos_id = eos_id
+        self.add_bos_token = add_bos_token
+        self._special_ids = frozenset(i for i, t in tk.get_added_tokens_decoder().items() if t.special)
+        # Whether decoding removes the dummy prefix, i.e. one leading space of the whole text.
+        self.strips_leading_space = tk.decoder is not None and tk.decoder.decode([SPACE + "x"]) == "x"
+
+    @classmethod
+    def from_sentencepiece(cls, path: str | Path) -> Tokenizer:
+        """Read a SentencePiece `tokenizer.model` (BPE with byte fallback, as LLaMA's)."""
+        path = Path(path)
+        try:
+            sp = parse_sentencepiece(path.read_bytes())
+        except OSError as err:
+            raise TokenizerError(f"{path}: cannot read it ({err})") from err
+        except (ValueError, UnicodeDecodeError) as err:
+            raise TokenizerError(f"{path}: not a valid SentencePiece model ({err})") from err
+        _check_supported(sp, path)
+        return cls(_build(sp), sp.bos_id, sp.eos_id)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
+        """Load tokenizer.json if present, else tokenizer.model. tokenizer_config.json and
+        special_tokens_map.json are read when they exist (add_bos_token, bos_token, eos_token)."""
+        model_dir = Path(model_dir)
+        json_path, sp_path = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
+        if json_path.is_file():
+            tk, defaults = _load_tokenizer_json(json_path), {"bos_token": "<s>", "eos_token": "</s>"}
+        elif sp_path.is_file():
+            base = cls.from_sentencepiece(sp_path)
+            tk = base._tk
+            defaults = {"bos_token": base.id_to_piece(base.bos_id), "eos_token": base.id_to_piece(base.eos_id)}
+        else:
+            raise TokenizerError(f"{model_dir}: no tokenizer found (looked for tokenizer.json and tokenizer.model)")
+        settings = _read_json(model_dir / "special_tokens_map.json") | _read_json(model_dir / "tokenizer_config.json")
+        special = {}
+        for key, default in defaults.items():
+            name = _token_name(settings.get(key)) or default
+            special[key] = tk.token_to_id(name)
+            if special[key] is None:
+                raise TokenizerError(f"{model_dir}: {key} {name!r} is not in the vocabulary")
+        return cls(tk, special["bos_token"], special["eos_token"], bool(settings.get("add_bos_token", True)))
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def vocab_size(self) -> int:  # V
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def id_to_piece(self, token_id: int) -> str:
+        piece = self._tk.id_to_token(token_id)
+        if piece is None:
+            raise TokenizerError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return piece
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`; BOS first when add_bos and the tokenizer's add_bos_token setting allow it."""
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        return [self._bos_id, *ids] if add_bos and self.add_bos_token else ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of `ids` (special tokens such as <s> and </s> left out when skip_special)."""
+        return self._tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:
+        """The UTF-8 bytes one token contributes to decoded text (b"" for a skipped special token)."""
+        if skip_special and token_id in self._special_ids:
+            return b""
+        piece = self.id_to_piece(token_id)
+        byte = _BYTE_PIECE.fullmatch(piece)
+        return bytes([int(byte.group(1), 16)]) if byte else piece.replace(SPACE, " ").encode("utf-8")
+
+    def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special)
+
+
+class StreamDecoder:
+    """Turns generated ids into text one id at a time.
+
+    Byte-fallback pieces are held until they complete a UTF-8 character, and the single leading space that
+    `decode` strips from the whole text (when the model adds a dummy prefix) is stripped here from the first
+    text produced. For ids whose byte
+    pieces form valid UTF-8 (everything `encode` returns), the pushes plus flush equal `decode(ids)`.
+    A byte that cannot be part of valid UTF-8 becomes one U+FFFD as soon as that is known (SentencePiece's
+    rule; `decode` instead replaces every byte of a run of byte pieces that is not valid as a whole).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special
+        self._pending = b""  # the first bytes of an unfinished UTF-8 character
+        self._at_start = tokenizer.strips_leading_space
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes (often "", e.g. inside a multi-byte character)."""
+        data = self._tokenizer.token_bytes(token_id, self._skip_special)
+        if not data:  # a skipped special token: decode drops it before joining byte pieces, so do we
+            return ""
+        if len(data) == 1 and data[0] >= 0x80:  # a byte piece that may start or continue a character
+            return self._emit(self._push_byte(data))
+        return self._emit(self._drop_pending() + data.decode("utf-8"))
+
+    def flush(self) -> str:
+        """Text still held back: an unfinished character at the end becomes one U+FFFD per byte."""
+        return self._emit(self._drop_pending())
+
+    def _push_byte(self, byte: bytes) -> str:
+        joined = _utf8_split(self._pending + byte)
+        if joined is not None:
+            text, self._pending = joined
+            return text
+        lost = self._drop_pending()  # the held bytes can no longer complete a character
+        alone = _utf8_split(byte)
+        if alone is None:
+            return lost + "\ufffd"
+        text, self._pending = alone
+        return lost + text
+
+    def _drop_pending(self) -> str:
+        text, self._pending = "\ufffd" * len(self._pending), b""
+        return text
+
+    def _emit(self, text: str) -> str:
+        if self._at_start and text:
+            self._at_start = False
+            return text.removeprefix(" ")
+        return text
+
+
+def _utf8_split(data: bytes) -> tuple[str, bytes] | None:
+    """(text, b"") when data is whole UTF-8, ("", data) when it is the start of one character, else None."""
+    try:
+        return data.decode("utf-8"), b""
+    except UnicodeDecodeError as err:
+        return ("", data) if err.reason == "unexpected end of data" else None
