@@ -1,0 +1,149 @@
+"""tinyvlm.projector against the torch oracle in tests/torch_ldp.py (float32), plus the erf / GELU kernel."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tinyvlm.config import ProjectorConfig
+from tinyvlm.errors import ConfigError, WeightsError
+from tinyvlm.projector import build_projector, erf, gelu, projector_expected_shapes, se_width
+from tests.torch_ldp import LDPNetProjector, LDPNetV2Projector
+
+REL_TOL = 1e-5  # max |ours - torch| / max |torch|; measured below 1e-6
+ORACLES = {"ldpnet": LDPNetProjector, "ldpnetv2": LDPNetV2Projector}
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Weights with spread: N(0, 0.1) for linear/conv kernels, LayerNorm gains 1 + N(0, 0.1), biases N(0, 0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            is_ln_gain = name.endswith(".1.weight") and p.ndim == 1
+            p.copy_(1.0 + 0.1 * noise if is_ln_gain else 0.1 * noise)
+
+
+def make(kind: str, c_in: int, d: int, seed: int = 0) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
+    oracle = ORACLES[kind](c_in, d).eval()
+    randomise(oracle, seed)
+    return oracle, {k: v.detach().numpy() for k, v in oracle.state_dict().items()}
+
+
+def run_torch(oracle: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return oracle(torch.from_numpy(x)[None])[0].numpy()
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kind", ["ldpnet", "ldpnetv2"])
+@pytest.mark.parametrize("c_in, d", [(64, 128), (128, 128), (128, 96), (64, 76)])
+def test_matches_torch(kind: str, c_in: int, d: int) -> None:
+    oracle, weights = make(kind, c_in, d)
+    proj = build_projector(ProjectorConfig(kind, c_in, d), weights)
+    x = np.random.default_rng(1).standard_normal((576, c_in)).astype(np.float32)
+    ours, ref = proj(x), run_torch(oracle, x)
+    assert ours.shape == ref.shape == (144, d) and ours.dtype == np.float32
+    assert np.abs(ref).max() > 0.5
+    assert rel_err(ours, ref) <= REL_TOL
+
+
+def _transposed_tokens(x: np.ndarray, side: int) -> np.ndarray:
+    """Reorder tokens as if the grid were read column-major (an H/W swap)."""
+    return x.reshape(side, side, -1).transpose(1, 0, 2).reshape(side * side, -1)
+
+
+@pytest.mark.parametrize("kind", ["ldpnet", "ldpnetv2"])
+def test_hw_swap_is_detected(kind: str) -> None:
+    """A swapped grid still runs; with asymmetric 3x3 kernels it must give clearly different tokens."""
+    oracle, weights = make(kind, 64, 128, seed=3)
+    x = np.random.default_rng(2).standard_normal((576, 64)).astype(np.float32)
+    ours = build_projector(ProjectorConfig(kind, 64, 128), weights)(x)
+    swapped = _transposed_tokens(run_torch(oracle, _transposed_tokens(x, 24)), 12)
+    assert rel_err(ours, run_torch(oracle, x)) <= REL_TOL
+    assert rel_err(ours, swapped) > 100 * REL_TOL
+    # symmetric kernels (w == w^T per channel) make the swap invisible: that is what the test above relies on
+    sym = {k: (v + v.transpose(0, 1, 3, 2)) / 2 if v.shape[-2:] == (3, 3) else v for k, v in weights.items()}
+    oracle.load_state_dict({k: torch.from_numpy(v) for k, v in sym.items()})
+    ours_sym = build_projector(ProjectorConfig(kind, 64, 128), sym)(x)
+    swapped_sym = _transposed_tokens(run_torch(oracle, _transposed_tokens(x, 24)), 12)
+    assert rel_err(ours_sym, swapped_sym) <= REL_TOL
+
+
+def test_erf_against_math_erf() -> None:
+    x = np.concatenate([
+        np.linspace(-12.0, 12.0, 200_001),
+        np.geomspace(1e-300, 1.0, 2000), -np.geomspace(1e-30, 1.0, 500),
+        np.linspace(3.9, 4.1, 2001),  # around the switch to sign(x)
+        [0.0, 4.0, -4.0, np.inf, -np.inf],
+    ])
+    ref = np.array([math.erf(v) for v in x])
+    ours = erf(x)
+    assert ours.dtype == np.float64
+    nz = ref != 0
+    assert np.all(ours[~nz] == 0)
+    rel64 = np.abs(ours[nz] - ref[nz]) / np.abs(ref[nz])
+    assert rel64.max() < 1e-7  # the 4.0 cut-off dominates (erfc(4) = 1.5e-8); inside it measured ~1e-14
+    inner = np.abs(x[nz]) < 3.9
+    assert rel64[inner].max() < 1e-13
+    x32 = x.astype(np.float32)
+    ref32 = np.array([math.erf(float(v)) for v in x32])
+    ours32 = erf(x32)
+    assert ours32.dtype == np.float32
+    normal = np.abs(ref32) >= np.finfo(np.float32).tiny  # float32 subnormals have fewer significant bits
+    assert (np.abs(ours32[normal] - ref32[normal]) / np.abs(ref32[normal])).max() <= 2**-24  # correctly rounded
+
+
+def test_gelu_against_torch() -> None:
+    z = np.concatenate([np.linspace(-20, 20, 400_001), np.random.default_rng(0).standard_normal(100_000) * 3])
+    z = z.astype(np.float32)
+    ours = gelu(z)
+    assert ours.dtype == np.float32
+    exact = torch.nn.functional.gelu(torch.from_numpy(z.astype(np.float64))).numpy()  # float64 erf in torch
+    assert np.abs(ours - exact).max() <= 2.5e-7 * np.maximum(np.abs(exact), 1e-30).max()
+    big = np.abs(exact) > 1e-3
+    assert (np.abs(ours - exact)[big] / np.abs(exact[big])).max() <= 2**-23  # within an ulp where it matters
+    torch32 = torch.nn.functional.gelu(torch.from_numpy(z)).numpy()
+    assert np.abs(ours - torch32).max() <= 1e-7 * np.abs(torch32).max()  # torch's float32 erf is a few ulp off
+    tanh_approx = torch.nn.functional.gelu(torch.from_numpy(z), approximate="tanh").numpy()
+    assert np.abs(ours - tanh_approx).max() > 1e-4  # the tanh form is distinguishable
+
+
+def test_se_width() -> None:
+    assert se_width(2048) == 512 and se_width(2560) == 640 and se_width(4096) == 1024
+    assert se_width(96) == 24
+    assert se_width(76) == 24  # 19 rounds to 16 < 0.9 * 19, so one more step of 8
+    assert se_width(100) == 24  # 25 rounds down to 24
+
+
+def test_expected_shapes_real_sizes() -> None:
+    v1 = projector_expected_shapes(ProjectorConfig("ldpnet", 1024, 2048))
+    assert len(v1) == 24
+    assert v1["model.mb_block.2.block.1.fc1.weight"] == (512, 2048, 1, 1)
+    assert v1["model.mlp.1.weight"] == (2048, 1024)
+    v2 = projector_expected_shapes(ProjectorConfig("ldpnetv2", 1024, 2560))
+    assert v2 == {"mlp.mlp.0.weight": (2560, 1024), "mlp.mlp.0.bias": (2560,), "mlp.mlp.2.weight": (2560, 2560),
+                  "mlp.mlp.2.bias": (2560,), "peg.peg.0.weight": (2560, 1, 3, 3), "peg.peg.0.bias": (2560,)}
+    with pytest.raises(ConfigError, match="mlp2x_gelu"):
+        projector_expected_shapes(ProjectorConfig("mlp2x_gelu", 1024, 2048))
+
+
+def test_bad_inputs() -> None:
+    _, weights = make("ldpnet", 64, 96)
+    cfg = ProjectorConfig("ldpnet", 64, 96)
+    proj = build_projector(cfg, weights)
+    for shape in [(575, 64), (625, 64), (576, 32), (576,), (0, 64)]:
+        with pytest.raises(ValueError, match=re.escape(str(shape))):
+            proj(np.zeros(shape, np.float32))
+    assert proj(np.zeros((64, 64), np.float32)).shape == (16, 96)  # any even square grid works
+    broken = dict(weights)
+    del broken["model.mb_block.2.block.1.fc2.bias"]
+    broken["model.mlp.3.weight"] = np.zeros((96, 64), np.float32)
+    with pytest.raises(WeightsError, match=r"fc2\.bias.*mlp\.3\.weight \(96, 64\) \(expected \(96, 96\)\)"):
+        build_projector(cfg, broken)
