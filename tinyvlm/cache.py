@@ -1,0 +1,68 @@
+"""Preallocated key/value cache for the LLaMA decoder, written by position.
+
+Follows the llama2.c / gpt-fast layout (style.md (b) 6): one array per kind, shape (L, Hkv, S, Dh), allocated
+once with an explicit dtype. A forward pass writes each layer's new keys and values at positions
+pos .. pos+T-1, reads them back as views up to pos+T, and advances `pos` once at the end.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinyvlm.errors import PromptError
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: type[np.floating] = np.float32) -> None:
+        shape = (n_layers, n_kv_heads, max_len, head_dim)  # (L, Hkv, S, Dh)
+        self.k = np.zeros(shape, dtype=dtype)
+        self.v = np.zeros(shape, dtype=dtype)
+        self.pos = 0  # tokens written and committed so far
+        self._end = 0  # pos + T while a forward pass writes a chunk of T tokens, else pos
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def free(self) -> int:
+        """Positions still available."""
+        return self.max_len - self.pos
+
+    def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store one layer's keys and values, each (Hkv, T, Dh), at positions pos .. pos+T-1."""
+        end = self.pos + k.shape[1]
+        if end > self.max_len:
+            raise PromptError(
+                f"{k.shape[1]} tokens at position {self.pos} do not fit the context of {self.max_len} "
+                f"({self.free} free)"
+            )
+        self.k[layer, :, self.pos:end] = k
+        self.v[layer, :, self.pos:end] = v
+        self._end = end
+
+    def keys(self, layer: int) -> np.ndarray:
+        """View of this layer's keys up to the end of the chunk being written: (Hkv, pos+T, Dh)."""
+        return self.k[layer, :, :self._end]
+
+    def values(self, layer: int) -> np.ndarray:
+        """View of this layer's values up to the end of the chunk being written: (Hkv, pos+T, Dh)."""
+        return self.v[layer, :, :self._end]
+
+    def advance(self, n: int) -> None:
+        """Commit the chunk just written: the next forward pass starts at position pos + n."""
+        self.pos += n
+        self._end = self.pos
+
+    def truncate(self, pos: int) -> None:
+        """Forget every position from `pos` on (to rewind a conversation); the arrays are kept."""
+        if not 0 <= pos <= self.pos:
+            raise PromptError(f"cannot truncate the cache to position {pos}: it holds {self.pos} tokens")
+        self.pos = pos
+        self._end = pos
+
+    def reset(self) -> None:
+        """Empty the cache."""
+        self.truncate(0)

@@ -1,0 +1,149 @@
+"""Sampling and the one generation loop that chat, the CLI, the Python API, tests and benchmarks all use.
+
+Sampling follows the Hugging Face logits processors in the order `generate` applies them
+(transformers 5.23, `generation/logits_process.py`): RepetitionPenaltyLogitsProcessor, then greedy argmax or
+TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper -> softmax -> draw. The loop follows
+style.md (b) 7 (mlx `generate_step`): prefill once, then yield one id per step.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from tinyvlm.cache import KVCache
+from tinyvlm.errors import PromptError
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings; temperature 0 means greedy. The CLI and the Python API take their defaults from here."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0  # nucleus sampling; 1.0 = off
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages ids already in the history; 1.0 = off
+    seed: int | None = None  # None draws a fresh seed from the OS
+
+    def validate(self) -> None:
+        """Raise PromptError naming the first invalid value."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise PromptError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise PromptError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise PromptError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise PromptError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+            raise PromptError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise PromptError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return _is_int(x) or (isinstance(x, (float, np.floating)) and not math.isnan(x))
+
+
+def penalize_repetition(logits: np.ndarray, penalty: float, history: Sequence[int]) -> np.ndarray:
+    """Each id in the history, counted once: a positive logit is divided by the penalty, a negative one multiplied.
+
+    Ids outside the vocabulary (such as the -200 image placeholder) are skipped. Returns a new array.
+    """
+    out = np.array(logits, dtype=np.float32)  # (V,), a copy
+    if penalty == 1.0:
+        return out
+    ids = np.unique(np.asarray(history, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < out.shape[0])]
+    seen = out[ids]
+    out[ids] = np.where(seen < 0, seen * np.float32(penalty), seen / np.float32(penalty))
+    return out
+
+
+def processed_logits(logits: np.ndarray, cfg: GenerationConfig, history: Sequence[int]) -> np.ndarray:
+    """The scores a sampled token is drawn from, (V,) float32: penalty, temperature, top-k, top-p.
+
+    Filtered tokens get -inf, as transformers' warpers give them. Only meaningful for temperature > 0.
+    """
+    scores = penalize_repetition(logits, cfg.repetition_penalty, history) / np.float32(cfg.temperature)  # (V,)
+    if 0 < cfg.top_k < scores.shape[0]:
+        kth = np.partition(scores, -cfg.top_k)[-cfg.top_k]
+        scores[scores < kth] = -np.inf  # ties with the k-th score survive, as in TopKLogitsWarper
+    if cfg.top_p < 1.0:
+        # TopPLogitsWarper: sort ascending and drop the tokens whose cumulative probability, counted from the
+        # least likely, stays <= 1 - top_p; the most likely token always survives.
+        order = np.argsort(scores, kind="stable")  # (V,) ascending
+        cumulative = np.cumsum(_softmax(scores[order]))
+        drop = cumulative <= 1.0 - cfg.top_p
+        drop[-1] = False
+        scores[order[drop]] = -np.inf
+    return scores
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax in float64 (so the cumulative sums over a 32000-token vocabulary stay exact enough)."""
+    e = np.exp(scores.astype(np.float64) - scores.max())
+    return e / e.sum()
+
+
+def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, history: Sequence[int]) -> int:
+    """Pick the next id from (V,) logits: greedy argmax when temperature is 0, else a draw from `rng`."""
+    if cfg.temperature == 0.0:
+        return int(np.argmax(penalize_repetition(logits, cfg.repetition_penalty, history)))
+    cdf = np.cumsum(_softmax(processed_logits(logits, cfg, history)))  # (V,)
+    # First index whose cdf exceeds u: never a zero-probability token, since the cdf is flat across those.
+    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+
+
+class CausalLM(Protocol):
+    """What the loop needs from a model (LanguageModel provides it)."""
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray: ...
+
+    def forward(self, embeds: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray: ...
+
+
+def generate_tokens(model: CausalLM, prompt_embeds: np.ndarray, cache: KVCache, cfg: GenerationConfig, *,
+                    stop_ids: Collection[int], history: list[int]) -> Iterator[int]:
+    """Prefill `prompt_embeds` (T, D) at cache.pos, then yield one new id per step.
+
+    Stops, without raising, after cfg.max_new_tokens ids, when the context is full (the next id would have no
+    position left), or when a stop id is sampled; the stop id is neither yielded nor fed into the cache, so a
+    chat layer that wants it in the conversation feeds it itself. Every yielded id is appended to `history`
+    (which the repetition penalty reads) and fed into the cache before the next one is sampled; only the
+    last id of a run that hits max_new_tokens (or that the consumer abandons) is left unfed. Raises PromptError at once if the prompt does
+    not fit the cache or cfg is invalid.
+    """
+    cfg.validate()
+    n = prompt_embeds.shape[0]
+    if n == 0:
+        raise PromptError("the prompt is empty: generation needs at least one token to start from")
+    if n > cache.free:
+        raise PromptError(
+            f"prompt of {n} tokens does not fit the context of {cache.max_len} ({cache.free} free)"
+        )
+    return _loop(model, prompt_embeds, cache, cfg, stop_ids, history)
+
+
+def _loop(model: CausalLM, prompt_embeds: np.ndarray, cache: KVCache, cfg: GenerationConfig,
+          stop_ids: Collection[int], history: list[int]) -> Iterator[int]:
+    rng = np.random.default_rng(cfg.seed)
+    logits = model.forward(prompt_embeds, cache)  # (T, D) -> (V,)
+    for step in range(cfg.max_new_tokens):
+        if cache.free == 0:
+            return  # context full
+        token = sample_next(logits, cfg, rng, history)
+        if token in stop_ids:
+            return
+        history.append(token)
+        yield token
+        if step + 1 < cfg.max_new_tokens:
+            logits = model.forward(model.embed([token]), cache)  # one id -> (V,)

@@ -1,0 +1,226 @@
+"""MobileLLaMA / LLaMA decoder in NumPy: embedding, RMSNorm, rotary attention with GQA, SwiGLU MLP, lm_head.
+
+Follows the Hugging Face `LlamaForCausalLM` eager path (transformers 5.23, `models/llama/modeling_llama.py`) and
+../shared/design/mobilevlm.md section 3.1. Weights keep their Hugging Face names and (out, in) layout, so
+`y = x @ W.T`; BLAS takes the transposed view without a copy, and storing W transposed measured no faster
+for decode (T = 1) or prefill. Everything runs in float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinyvlm.cache import KVCache
+from tinyvlm.config import TextConfig
+from tinyvlm.errors import PromptError, WeightsError
+
+
+# ---------------------------------------------------------------- weights
+
+def language_expected_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every LLM tensor in a Hugging Face checkpoint (no lm_head when it is tied)."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q_out = cfg.num_attention_heads * cfg.head_dim  # Hq*Dh
+    kv_out = cfg.num_key_value_heads * cfg.head_dim  # Hkv*Dh
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (D,)
+        shapes[p + "self_attn.q_proj.weight"] = (q_out, D)
+        shapes[p + "self_attn.k_proj.weight"] = (kv_out, D)
+        shapes[p + "self_attn.v_proj.weight"] = (kv_out, D)
+        shapes[p + "self_attn.o_proj.weight"] = (D, q_out)
+        shapes[p + "post_attention_layernorm.weight"] = (D,)
+        shapes[p + "mlp.gate_proj.weight"] = (F, D)
+        shapes[p + "mlp.up_proj.weight"] = (F, D)
+        shapes[p + "mlp.down_proj.weight"] = (D, F)
+    shapes["model.norm.weight"] = (D,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, D)
+    return shapes
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder block's weights, named as in the checkpoint (`model.layers.{i}.<part>.<name>.weight`)."""
+
+    input_layernorm: np.ndarray  # (D,)
+    q_proj: np.ndarray  # (Hq*Dh, D)
+    k_proj: np.ndarray  # (Hkv*Dh, D)
+    v_proj: np.ndarray  # (Hkv*Dh, D)
+    o_proj: np.ndarray  # (D, Hq*Dh)
+    post_attention_layernorm: np.ndarray  # (D,)
+    gate_proj: np.ndarray  # (F, D)
+    up_proj: np.ndarray  # (F, D)
+    down_proj: np.ndarray  # (D, F)
+
+
+def _float32(weights: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """A weight as contiguous float32 (no copy when it already is, so memory-mapped files stay lazy)."""
+    return np.ascontiguousarray(weights[name], dtype=np.float32)
+
+
+def _load_layer(weights: Mapping[str, np.ndarray], i: int) -> _Layer:
+    p = f"model.layers.{i}."
+    return _Layer(
+        input_layernorm=_float32(weights, p + "input_layernorm.weight"),
+        q_proj=_float32(weights, p + "self_attn.q_proj.weight"),
+        k_proj=_float32(weights, p + "self_attn.k_proj.weight"),
+        v_proj=_float32(weights, p + "self_attn.v_proj.weight"),
+        o_proj=_float32(weights, p + "self_attn.o_proj.weight"),
+        post_attention_layernorm=_float32(weights, p + "post_attention_layernorm.weight"),
+        gate_proj=_float32(weights, p + "mlp.gate_proj.weight"),
+        up_proj=_float32(weights, p + "mlp.up_proj.weight"),
+        down_proj=_float32(weights, p + "mlp.down_proj.weight"),
+    )
+
+
+# ---------------------------------------------------------------- maths
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in float32 like LlamaRMSNorm."""
+    inv_rms = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps))  # (T, 1)
+    return weight * (x * inv_rms)
+
+
+def rope_tables(head_dim: int, n_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, each (n_positions, Dh/2), for the rotate-half RoPE (the full tables repeat them twice).
+
+    Rounded like transformers' LlamaRotaryEmbedding, whose tables are float32 all the way: inv_freq is
+    theta^(2j/Dh) rounded to float32 and then inverted in float32, and the angle position * inv_freq is a
+    float32 product (at position 2000 its rounding moves cos by ~1e-4, more than any later step, so the
+    angles must not be computed in float64). Only cos/sin are evaluated in float64 and rounded once,
+    which lands within one float32 ulp of torch.
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # (Dh/2,)
+    inv_freq = np.float32(1.0) / (theta ** exponent.astype(np.float64)).astype(np.float32)  # (Dh/2,)
+    angles = np.arange(n_positions, dtype=np.float32)[:, None] * inv_freq  # (S, Dh/2), float32 product
+    angles64 = angles.astype(np.float64)
+    return np.cos(angles64).astype(np.float32), np.sin(angles64).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate each head vector [x1 | x2] to [x1*cos - x2*sin | x2*cos + x1*sin]; x (H, T, Dh), cos/sin (T, Dh/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (H, T, Dh/2) each
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # (H, T, Dh)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x); exp overflows to inf for x < -88, which correctly gives -0."""
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(-x))
+
+
+def _mlp(layer: _Layer, x: np.ndarray) -> np.ndarray:
+    """SwiGLU: down(silu(gate(x)) * up(x)); (T, D) -> (T, D)."""
+    hidden = silu(x @ layer.gate_proj.T) * (x @ layer.up_proj.T)  # (T, D) -> (T, F)
+    return hidden @ layer.down_proj.T  # (T, F) -> (T, D)
+
+
+# ---------------------------------------------------------------- the decoder
+
+class LanguageModel:
+    """The decoder: `embed(ids)` gives input embeddings, `forward(embeds, cache)` gives next-token logits."""
+
+    def __init__(self, cfg: TextConfig, weights: Mapping[str, np.ndarray]) -> None:
+        self.cfg = cfg
+        self._check(weights)
+        self.embed_tokens = _float32(weights, "model.embed_tokens.weight")  # (V, D)
+        self.layers = [_load_layer(weights, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = _float32(weights, "model.norm.weight")  # (D,)
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in weights
+        self.lm_head = self.embed_tokens if tied else _float32(weights, "lm_head.weight")  # (V, D)
+        self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+
+    def _check(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Raise one WeightsError naming every missing or mis-shaped tensor (extra tensors are ignored)."""
+        problems = []
+        for name, shape in language_expected_shapes(self.cfg).items():
+            if name == "lm_head.weight" and name not in weights:
+                continue  # an untied checkpoint saved without its head falls back to the embedding
+            if name not in weights:
+                problems.append(f"missing {name} {shape}")
+            elif tuple(weights[name].shape) != shape:
+                problems.append(f"{name} has shape {tuple(weights[name].shape)}, expected {shape}")
+        if problems:
+            raise WeightsError("language model weights do not match the config: " + "; ".join(problems))
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        """Token ids -> (T, D) float32 embeddings. The image placeholder -200 must be spliced out before."""
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            return np.zeros((0, self.cfg.hidden_size), dtype=np.float32)  # (0, D)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise PromptError(f"token ids must be a flat sequence of integers, got {arr.dtype} of shape {arr.shape}")
+        bad = arr[(arr < 0) | (arr >= self.cfg.vocab_size)]
+        if bad.size:
+            raise PromptError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return self.embed_tokens[arr]  # (T,) -> (T, D)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty float32 cache for up to `max_len` positions (default: the model's context length)."""
+        limit = self.cfg.max_position_embeddings
+        n = limit if max_len is None else max_len
+        if not 1 <= n <= limit:
+            raise PromptError(f"cache length {n} must be between 1 and the model's context of {limit} positions")
+        return KVCache(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, n, self.cfg.head_dim, np.float32)
+
+    def forward(self, embeds: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run T new positions through the decoder, append their keys/values to the cache, return logits.
+
+        The chunk takes positions cache.pos .. cache.pos+T-1; each of its tokens attends to the whole cache
+        before it and causally within the chunk, so one call on T tokens equals T calls on one token.
+        Returns (T, V) logits with `all_logits`, else (V,) for the last position only.
+        """
+        cfg = self.cfg
+        x = np.asarray(embeds, dtype=np.float32)  # (T, D)
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != cfg.hidden_size:
+            raise PromptError(f"embeddings must have shape (T>0, {cfg.hidden_size}), got {x.shape}")
+        T, pos = x.shape[0], cache.pos
+        limit = min(cache.max_len, len(self.rope_cos))
+        if pos + T > limit:
+            raise PromptError(
+                f"a chunk of {T} tokens at position {pos} does not fit the context of {limit} ({limit - pos} free)"
+            )
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # (T, Dh/2) each
+        # Query t (position pos+t) may see keys 0 .. pos+t: -inf above that diagonal.
+        mask = np.triu(np.full((T, pos + T), -np.inf, dtype=np.float32), k=pos + 1) if T > 1 else None  # (T, S)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps)
+            x = x + self._attention(i, layer, h, cache, cos, sin, mask)
+            h = rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps)
+            x = x + _mlp(layer, h)
+        cache.advance(T)
+        if not all_logits:
+            x = x[-1:]  # (T, D) -> (1, D): only the last position's logits are needed
+        logits = rms_norm(x, self.norm, cfg.rms_norm_eps) @ self.lm_head.T  # (T, D) -> (T, V)
+        return logits if all_logits else logits[0]
+
+    def _attention(self, i: int, layer: _Layer, x: np.ndarray, cache: KVCache, cos: np.ndarray,
+                   sin: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """Grouped-query self-attention of a (T, D) chunk over the cache of layer i; returns (T, D)."""
+        cfg = self.cfg
+        T, Hq, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        group = Hq // Hkv  # query heads per kv head
+        q = (x @ layer.q_proj.T).reshape(T, Hq, Dh).transpose(1, 0, 2)  # (T, D) -> (Hq, T, Dh)
+        k = (x @ layer.k_proj.T).reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, D) -> (Hkv, T, Dh)
+        v = (x @ layer.v_proj.T).reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, D) -> (Hkv, T, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.write(i, k, v)
+        keys, values = cache.keys(i), cache.values(i)  # (Hkv, S, Dh) views, S = pos+T
+        # Query heads j*group .. j*group+group-1 share kv head j: stack them so one batched matmul per kv
+        # head covers the whole group, with no copy of the cache.
+        q = q.reshape(Hkv, group * T, Dh)  # (Hq, T, Dh) -> (Hkv, group*T, Dh)
+        scores = (q @ keys.transpose(0, 2, 1)) * np.float32(Dh ** -0.5)  # (Hkv, group*T, S)
+        if mask is not None:
+            per_query = scores.reshape(Hkv, group, T, -1)  # a view of scores: (Hkv, group, T, S)
+            per_query += mask  # (T, S) broadcasts over all heads
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores, out=scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out = probs @ values  # (Hkv, group*T, S) @ (Hkv, S, Dh) -> (Hkv, group*T, Dh)
+        out = out.reshape(Hq, T, Dh).transpose(1, 0, 2).reshape(T, Hq * Dh)  # -> (T, Hq*Dh)
+        return out @ layer.o_proj.T  # (T, Hq*Dh) -> (T, D)
