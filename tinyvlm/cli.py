@@ -1,0 +1,178 @@
+"""Command line: `python -m tinyvlm chat IMAGE` and `python -m tinyvlm inspect PATH`.
+
+Printing and exit codes only; no model logic. Heavy modules are imported inside the commands so that
+`--help` stays instant. Every TinyVLMError becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from tinyvlm.errors import ModelNotFound, TinyVLMError
+
+USAGE_EXAMPLE = "example: python -m tinyvlm chat photo.jpg --model mtgv/MobileVLM_V2-1.7B -p 'What is in the image?'"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from tinyvlm.generate import GenerationConfig
+
+    defaults = GenerationConfig()
+    DEFAULTS = {f: getattr(defaults, f) for f in vars(defaults)}
+    p = argparse.ArgumentParser(prog="tinyvlm", description="MobileVLM in NumPy.", epilog=USAGE_EXAMPLE)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="ask about an image, once (-p) or interactively", epilog=USAGE_EXAMPLE)
+    chat.add_argument("image", nargs="?", help="image file (optional for text-only models)")
+    chat.add_argument("--model", help="model directory or Hugging Face id (default: $TINYVLM_MODEL, "
+                      "else the first MobileVLM in the Hugging Face cache)")
+    chat.add_argument("--vision-tower", help="CLIP directory or id to use instead of the one the config names")
+    chat.add_argument("-p", "--prompt", help="answer this question once and exit")
+    chat.add_argument("--system", help="system prompt (default: the MobileVLM v1 one)")
+    chat.add_argument("--max-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="default %(default)s")
+    chat.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy (default)")
+    chat.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="default %(default)s")
+    chat.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="0 = off (default)")
+    chat.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
+                      help="default %(default)s")
+    chat.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed for sampling")
+    chat.add_argument("--verbose", action="store_true", help="print timings and peak memory")
+
+    inspect = sub.add_parser("inspect", help="print a model's config and a table of its tensors")
+    inspect.add_argument("path", help="model directory, Hugging Face id, or weight file")
+    return p
+
+
+def _default_model() -> str:
+    from tinyvlm.hub import find_cached_models
+
+    env = os.environ.get("TINYVLM_MODEL")
+    if env:
+        return env
+    cached = find_cached_models()
+    if cached:
+        return cached[0]
+    raise ModelNotFound(
+        "no model given and none found: pass --model PATH_OR_ID, set TINYVLM_MODEL, or download one "
+        "(e.g. `huggingface-cli download mtgv/MobileVLM_V2-1.7B`)"
+    )
+
+
+def _print_stats(vlm: Any) -> None:
+    from tinyvlm.vlm import peak_rss_mib
+
+    s = vlm.stats
+    print(
+        f"[image encode {s.image_encode_s * 1000:.0f} ms | prefill {s.prefill_tokens} tok at {s.prefill_tok_s:.1f} tok/s"
+        f" | decode {s.decode_tokens} tok at {s.decode_tok_s:.1f} tok/s | peak RSS {peak_rss_mib():.0f} MiB]",
+        file=sys.stderr,
+    )
+
+
+def _stream(chat: Any, question: str, gen: dict[str, Any], verbose: bool) -> None:
+    try:
+        for piece in chat.send(question, stream=True, **gen):
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        print(" [stopped]", end="")
+    print()
+    if verbose:
+        _print_stats(chat.vlm)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tinyvlm.generate import GenerationConfig
+    from tinyvlm.loader import load
+    from tinyvlm.processor import load_image
+
+    gen = dict(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    GenerationConfig(**gen).validate()  # bad flags fail before the slow load
+    image = load_image(args.image) if args.image else None
+    vlm = load(args.model or _default_model(), vision_tower=args.vision_tower, progress=True)
+    if image is not None and vlm.vision is None:
+        raise TinyVLMError(f"{vlm.path}: a text-only model; run it without an image")
+    chat = vlm.chat(image=image, system=args.system)
+    if args.prompt is not None:
+        _stream(chat, args.prompt, gen, args.verbose)
+        return 0
+    print("chat: /image PATH starts over with a new image, /clear forgets the conversation, /exit quits; "
+          "Ctrl-C stops a reply", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/clear":
+            chat.clear()
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                chat.clear(image=load_image(path))
+            except TinyVLMError as e:
+                print(f"tinyvlm: {e}", file=sys.stderr)
+            continue
+        try:
+            _stream(chat, line, gen, args.verbose)
+        except TinyVLMError as e:
+            print(f"tinyvlm: {e}", file=sys.stderr)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tinyvlm.config import read_json
+    from tinyvlm.hub import resolve_model
+    from tinyvlm.weights import open_checkpoint, open_file
+
+    path = Path(args.path)
+    if path.is_file():
+        store = open_file(path)
+    else:
+        model_dir = resolve_model(args.path)
+        if (model_dir / "config.json").is_file():
+            print(json.dumps(read_json(model_dir / "config.json"), indent=2, sort_keys=True))
+        store = open_checkpoint(model_dir)
+    names = store.names()
+    width = max((len(n) for n in names), default=4)
+    print(f"{'name':<{width}}  {'dtype':<5}  shape")
+    total = 0
+    for n in names:
+        shape = store.shape(n)
+        count = 1
+        for d in shape:
+            count *= d
+        total += count
+        print(f"{n:<{width}}  {store.dtype(n):<5}  {list(shape)}")
+    print(f"{len(names)} tensors, {total:,} values")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "chat":
+            return cmd_chat(args)
+        return cmd_inspect(args)
+    except TinyVLMError as e:
+        print(f"tinyvlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
