@@ -10,7 +10,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from tinyvlm.cache import KVCache
 from tinyvlm.config import TextConfig
 from tinyvlm.errors import PromptError, WeightsError
-from tinyvlm.language import LanguageModel, language_expected_shapes, rope_tables
+from tinyvlm.kernels import rope_tables
+from tinyvlm.language import LanguageModel, language_expected_shapes
 
 VOCAB = 1000
 # Logits compared as max|ours - ref| / max|ref|; measured about 1.3e-6 on these models.

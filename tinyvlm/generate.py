@@ -16,6 +16,7 @@ import numpy as np
 
 from tinyvlm.cache import KVCache
 from tinyvlm.errors import PromptError
+from tinyvlm.kernels import softmax
 
 
 @dataclass
@@ -81,24 +82,19 @@ def processed_logits(logits: np.ndarray, cfg: GenerationConfig, history: Sequenc
         # TopPLogitsWarper: sort ascending and drop the tokens whose cumulative probability, counted from the
         # least likely, stays <= 1 - top_p; the most likely token always survives.
         order = np.argsort(scores, kind="stable")  # (V,) ascending
-        cumulative = np.cumsum(_softmax(scores[order]))
+        # In float64, so the cumulative sums over a 32000-token vocabulary stay exact enough.
+        cumulative = np.cumsum(softmax(scores[order].astype(np.float64)))  # (V,)
         drop = cumulative <= 1.0 - cfg.top_p
         drop[-1] = False
         scores[order[drop]] = -np.inf
     return scores
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax in float64 (so the cumulative sums over a 32000-token vocabulary stay exact enough)."""
-    e = np.exp(scores.astype(np.float64) - scores.max())
-    return e / e.sum()
-
-
 def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, history: Sequence[int]) -> int:
     """Pick the next id from (V,) logits: greedy argmax when temperature is 0, else a draw from `rng`."""
     if cfg.temperature == 0.0:
         return int(np.argmax(penalize_repetition(logits, cfg.repetition_penalty, history)))
-    cdf = np.cumsum(_softmax(processed_logits(logits, cfg, history)))  # (V,)
+    cdf = np.cumsum(softmax(processed_logits(logits, cfg, history).astype(np.float64)))  # (V,), float64 as above
     # First index whose cdf exceeds u: never a zero-probability token, since the cdf is flat across those.
     return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
 

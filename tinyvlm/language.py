@@ -3,7 +3,7 @@
 Follows the Hugging Face `LlamaForCausalLM` eager path (transformers 5.23, `models/llama/modeling_llama.py`) and
 ../shared/design/mobilevlm.md section 3.1. Weights keep their Hugging Face names and (out, in) layout, so
 `y = x @ W.T`; BLAS takes the transposed view without a copy, and storing W transposed measured no faster
-for decode (T = 1) or prefill. Everything runs in float32.
+for decode (T = 1) or prefill. Everything runs in float32; the numeric ops come from tinyvlm.kernels.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 from tinyvlm.cache import KVCache
 from tinyvlm.config import TextConfig
 from tinyvlm.errors import PromptError, WeightsError
+from tinyvlm.kernels import apply_rope, rms_norm, rope_tables, silu, softmax
 
 
 # ---------------------------------------------------------------- weights
@@ -77,50 +78,13 @@ def _load_layer(weights: Mapping[str, np.ndarray], i: int) -> _Layer:
     )
 
 
-# ---------------------------------------------------------------- maths
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in float32 like LlamaRMSNorm."""
-    inv_rms = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps))  # (T, 1)
-    return weight * (x * inv_rms)
-
-
-def rope_tables(head_dim: int, n_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin, each (n_positions, Dh/2), for the rotate-half RoPE (the full tables repeat them twice).
-
-    Rounded like transformers' LlamaRotaryEmbedding, whose tables are float32 all the way: inv_freq is
-    theta^(2j/Dh) rounded to float32 and then inverted in float32, and the angle position * inv_freq is a
-    float32 product (at position 2000 its rounding moves cos by ~1e-4, more than any later step, so the
-    angles must not be computed in float64). Only cos/sin are evaluated in float64 and rounded once,
-    which lands within one float32 ulp of torch.
-    """
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # (Dh/2,)
-    inv_freq = np.float32(1.0) / (theta ** exponent.astype(np.float64)).astype(np.float32)  # (Dh/2,)
-    angles = np.arange(n_positions, dtype=np.float32)[:, None] * inv_freq  # (S, Dh/2), float32 product
-    angles64 = angles.astype(np.float64)
-    return np.cos(angles64).astype(np.float32), np.sin(angles64).astype(np.float32)
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate each head vector [x1 | x2] to [x1*cos - x2*sin | x2*cos + x1*sin]; x (H, T, Dh), cos/sin (T, Dh/2)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # (H, T, Dh/2) each
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # (H, T, Dh)
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(x); exp overflows to inf for x < -88, which correctly gives -0."""
-    with np.errstate(over="ignore"):
-        return x / (np.float32(1.0) + np.exp(-x))
-
+# ---------------------------------------------------------------- the decoder
 
 def _mlp(layer: _Layer, x: np.ndarray) -> np.ndarray:
     """SwiGLU: down(silu(gate(x)) * up(x)); (T, D) -> (T, D)."""
     hidden = silu(x @ layer.gate_proj.T) * (x @ layer.up_proj.T)  # (T, D) -> (T, F)
     return hidden @ layer.down_proj.T  # (T, F) -> (T, D)
 
-
-# ---------------------------------------------------------------- the decoder
 
 class LanguageModel:
     """The decoder: `embed(ids)` gives input embeddings, `forward(embeds, cache)` gives next-token logits."""
@@ -218,9 +182,7 @@ class LanguageModel:
         if mask is not None:
             per_query = scores.reshape(Hkv, group, T, -1)  # a view of scores: (Hkv, group, T, S)
             per_query += mask  # (T, S) broadcasts over all heads
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores, out=scores)
-        probs /= probs.sum(axis=-1, keepdims=True)
+        probs = softmax(scores, out=scores)  # in place: no second (Hkv, group*T, S) buffer
         out = probs @ values  # (Hkv, group*T, S) @ (Hkv, S, Dh) -> (Hkv, group*T, Dh)
         out = out.reshape(Hq, T, Dh).transpose(1, 0, 2).reshape(T, Hq * Dh)  # -> (T, Hq*Dh)
         return out @ layer.o_proj.T  # (T, Hq*Dh) -> (T, D)

@@ -13,84 +13,16 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from numpy.polynomial import chebyshev
 
 from tinyvlm.config import ProjectorConfig
 from tinyvlm.errors import ConfigError
-from tinyvlm.vision import read_checked
+from tinyvlm.kernels import depthwise3x3, gelu, hardsigmoid, hardswish, layer_norm
+from tinyvlm.weights.checked import read_checked
 
 LN_EPS = 1e-5  # timm LayerNormAct2d default, used by both LDP blocks
 
 # ----------------------------------------------------------------------------------------------------------------
-# Exact (erf) GELU. NumPy has no erf, so: erf(x) = x * g(x^2) with g(y) = erf(sqrt y) / sqrt y, an entire function,
-# interpolated on y in [0, 16] by a degree-24 Chebyshev series whose coefficients are computed here from the C
-# library's double-precision math.erf. For |x| >= 4, erf(x) = sign(x) (1 - erfc(4) = 1 - 1.5e-8, below float32's
-# resolution). Evaluated in float64: about 1e-14 relative error inside |x| < 4, so float32 results are correctly
-# rounded.
-
-_ERF_Y_MAX = 16.0
-_ERF_DEGREE = 24
-
-
-def _erf_g_coefficients() -> np.ndarray:
-    nodes = np.cos(np.pi * (np.arange(_ERF_DEGREE + 1) + 0.5) / (_ERF_DEGREE + 1))  # Chebyshev points in (-1, 1)
-    x = np.sqrt((nodes + 1.0) * (_ERF_Y_MAX / 2))  # the matching x in (0, 4)
-    g = np.array([math.erf(v) / v for v in x], dtype=np.float64)
-    return chebyshev.chebfit(nodes, g, _ERF_DEGREE)
-
-
-_ERF_G = _erf_g_coefficients()
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """Error function, computed in float64, returned in x's floating dtype."""
-    x64 = np.asarray(x, dtype=np.float64)
-    y = np.minimum(x64 * x64, _ERF_Y_MAX)
-    inner = x64 * chebyshev.chebval(y * (2.0 / _ERF_Y_MAX) - 1.0, _ERF_G)
-    out = np.where(x64 * x64 < _ERF_Y_MAX, inner, np.sign(x64))
-    return out.astype(np.result_type(x, np.float32), copy=False)
-
-
-def gelu(z: np.ndarray) -> np.ndarray:
-    """nn.GELU() default: 0.5 z (1 + erf(z / sqrt 2)), not the tanh approximation. float32 out."""
-    z64 = z.astype(np.float64)
-    return (0.5 * z64 * (1.0 + erf(z64 * math.sqrt(0.5)))).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Building blocks on channels-last maps [G, G, D]
-
-
-def layer_norm_channels(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """LayerNorm over channels at each pixel (timm LayerNorm2d), eps 1e-5."""
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)
-    return xc / np.sqrt(var + np.float32(LN_EPS)) * w + b
-
-
-def hardswish(z: np.ndarray) -> np.ndarray:
-    return z * np.clip(z + np.float32(3.0), 0.0, 6.0) / np.float32(6.0)
-
-
-def hardsigmoid(z: np.ndarray) -> np.ndarray:
-    return np.clip(z / np.float32(6.0) + np.float32(0.5), 0.0, 1.0)
-
-
-def depthwise3x3(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
-    """Depthwise 3x3 cross-correlation, zero padding 1: x [G, G, D], w [3, 3, D] -> [G/stride, G/stride, D].
-
-    out[i, j] = sum over u, v of w[u, v] * x_padded[stride*i + u, stride*j + v]: nine shifted slices, no pixel loop.
-    """
-    G = x.shape[0]
-    Go = (G - 1) // stride + 1
-    padded = np.pad(x, ((1, 1), (1, 1), (0, 0)))  # (G, G, D) -> (G+2, G+2, D)
-    span = stride * (Go - 1) + 1
-    out = np.zeros((Go, Go, x.shape[2]), dtype=np.float32)
-    for u in range(3):
-        for v in range(3):
-            out += padded[u : u + span : stride, v : v + span : stride] * w[u, v]
-    return out
 
 
 def _grid_side(features: np.ndarray, c_in: int) -> int:
@@ -135,13 +67,13 @@ class _InvertedResidual:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         h = depthwise3x3(x, self.dw, self.stride)  # (G, G, D) -> (G/stride, G/stride, D)
-        h = hardswish(layer_norm_channels(h, *self.ln1))
+        h = hardswish(layer_norm(h, *self.ln1, LN_EPS))  # LayerNorm over channels
         s = h.mean(axis=(0, 1))  # squeeze: (g, g, D) -> (D,)
         s = np.maximum(self.fc1 @ s + self.fc1_b, 0.0)  # (D,) -> (S,)
         s = hardsigmoid(self.fc2 @ s + self.fc2_b)  # (S,) -> (D,)
         g, D = h.shape[0], h.shape[2]
         h = ((h * s).reshape(g * g, D) @ self.pw.T).reshape(g, g, D)  # pointwise conv: a matmul over channels
-        h = layer_norm_channels(h, *self.ln2)
+        h = layer_norm(h, *self.ln2, LN_EPS)
         return x + h if self.stride == 1 else h  # residual only where shapes match (block 1)
 
 

@@ -15,6 +15,8 @@ import numpy as np
 
 from tinyvlm.config import VisionConfig
 from tinyvlm.errors import ConfigError, WeightsError
+from tinyvlm.kernels import layer_norm, quick_gelu, softmax
+from tinyvlm.weights.checked import read_checked
 
 _EMB = "vision_model.embeddings."
 _LAYER = "vision_model.encoder.layers.{j}."
@@ -103,45 +105,8 @@ def infer_vision_config(
     )
 
 
-def read_checked(
-    weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str
-) -> dict[str, np.ndarray]:
-    """Read each expected tensor once, as contiguous float32 (no copy if it already is).
-
-    Raises one WeightsError listing every missing and every misshaped tensor.
-    """
-    present = set(weights)
-    w = {n: np.ascontiguousarray(weights[n], dtype=np.float32) for n in expected if n in present}
-    missing = sorted(set(expected) - present)
-    wrong = sorted(f"{n} {w[n].shape} (expected {s})" for n, s in expected.items() if n in w and w[n].shape != s)
-    if missing or wrong:
-        raise WeightsError(f"{what} weights: missing {missing or 'none'}; wrong shape {wrong or 'none'}")
-    return w
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Maths
-
-
-def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    """LayerNorm over the last axis, in float32."""
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)
-    return xc / np.sqrt(var + np.float32(eps)) * w + b
-
-
-def quick_gelu(z: np.ndarray) -> np.ndarray:
-    """CLIP's activation z * sigmoid(1.702 z), written with tanh so large |z| cannot overflow exp."""
-    return np.float32(0.5) * z * (np.float32(1.0) + np.tanh(np.float32(0.851) * z))
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, shifted by the row max so exp never overflows."""
-    e = x - x.max(axis=-1, keepdims=True)
-    np.exp(e, out=e)  # in place: the (H, T, T) scores are the largest temporaries of the tower
-    e /= e.sum(axis=-1, keepdims=True)
-    return e
+# Forward
 
 
 class _Layer:
@@ -191,7 +156,7 @@ class VisionTower:
         k = _linear(x, layer.k).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, C) -> (H, T, Dh)
         v = _linear(x, layer.v).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, C) -> (H, T, Dh)
         scores = (q * np.float32(Dh**-0.5)) @ k.transpose(0, 2, 1)  # (H, T, Dh) -> (H, T, T), no mask
-        out = softmax(scores) @ v  # (H, T, T) -> (H, T, Dh)
+        out = softmax(scores, out=scores) @ v  # (H, T, T) -> (H, T, Dh)
         out = out.transpose(1, 0, 2).reshape(T, C)  # (H, T, Dh) -> (T, C)
         return _linear(out, layer.o)
 
