@@ -123,7 +123,8 @@ def test_only_used_vision_layers_are_read(loaded):
 def test_text_only_model_chats(checkpoints, loaded):
     ref, vlm = checkpoints["text"], loaded["text"]
     assert vlm.vision is None
-    ids = vlm.prompt_ids("Hello there", image=False)
+    ids = vlm.prompt_ids("Hello there")
+    assert ids == vlm.prompt_ids("Hello there", image=False)
     assert -200 not in ids
     assert rel_err(vlm.logits(ids), ref.logits(ids, None)) <= REL
     expected = ref.greedy(ids, None, 16)
@@ -201,3 +202,31 @@ def test_generation_stops_cleanly_at_context_limit(loaded):
     chat.send(prompt, max_new_tokens=100)
     assert chat.cache.pos == 512
     assert vlm.stats.decode_tokens <= 512 - n_prompt
+
+
+def test_interrupted_reply_leaves_chat_consistent(loaded, photo):
+    """Ctrl-C in the middle of a streamed reply (the CLI's case): the next turn still sees a coherent cache."""
+    vlm = loaded["v2"]
+    chat = vlm.chat(image=photo)
+    pieces = chat.send(QUESTION, stream=True, max_new_tokens=12)
+    with pytest.raises(KeyboardInterrupt):
+        for i, _ in enumerate(pieces):
+            if i == 2:
+                raise KeyboardInterrupt
+    pieces.close()
+    assert chat.history[-1] == vlm.tokenizer.eos_id
+    assert chat.cache.pos == len(chat.history) - 1 + 144  # every id is in the cache, the image as 144 rows
+    answer = chat.send("Say more.", max_new_tokens=4)
+    assert isinstance(answer, str)
+    fresh = vlm.language.new_cache()
+    vlm.language.forward(vlm.embed(chat.history, [vlm.encode_image(photo)]), fresh)
+    n = chat.cache.pos
+    assert rel_err(chat.cache.k[:, :, :n], fresh.k[:, :, :n]) <= REL
+
+
+def test_reference_greedy_runs_sixteen_steps(checkpoints, loaded, photo):
+    """The greedy comparison above is only meaningful if the reference does not hit EOS early."""
+    for name in ("v1", "v2", "v2-safetensors"):
+        ref, vlm = checkpoints[name], loaded[name]
+        pixels = ref.pixels(photo)
+        assert len(ref.greedy(vlm.prompt_ids(QUESTION), ref.image_tokens(pixels), 16)) == 16

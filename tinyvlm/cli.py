@@ -71,11 +71,14 @@ def _print_stats(vlm: Any) -> None:
 
 
 def _stream(chat: Any, question: str, gen: dict[str, Any], verbose: bool) -> None:
+    pieces = chat.send(question, stream=True, **gen)
     try:
-        for piece in chat.send(question, stream=True, **gen):
+        for piece in pieces:
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
         print(" [stopped]", end="")
+    finally:
+        pieces.close()  # closes the turn: the rest of the reply and </s> go into the KV cache
     print()
     if verbose:
         _print_stats(chat.vlm)

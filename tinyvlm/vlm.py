@@ -136,8 +136,9 @@ class VLM:
     # ---------------------------------------------------------------- text side
 
     def prompt_ids(self, prompt: str, image: bool = True, system: str | None = None) -> list[int]:
-        """The full templated prompt as ids, with -200 where the image goes."""
-        return tokenize_with_images(self.tokenizer, first_turn(prompt, image=image, system=system))
+        """The full templated prompt as ids, with -200 where the image goes (never for a text-only model)."""
+        with_image = image and self.vision is not None
+        return tokenize_with_images(self.tokenizer, first_turn(prompt, image=with_image, system=system))
 
     def embed(self, ids: Sequence[int], images: Sequence[np.ndarray] = ()) -> np.ndarray:
         """Ids with -200 placeholders -> (T', D) embeddings, each placeholder replaced by one image's (N, D)."""
