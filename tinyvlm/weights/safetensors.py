@@ -56,6 +56,11 @@ def map_file(path: Path) -> np.ndarray:
 
 def read_safetensors(path: Path) -> dict[str, RawTensor]:
     """Parse and validate one .safetensors file; return name -> RawTensor views into one memory map."""
+    return read_safetensors_with_metadata(path)[0]
+
+
+def read_safetensors_with_metadata(path: Path) -> tuple[dict[str, RawTensor], dict[str, str]]:
+    """As read_safetensors, plus the header's "__metadata__" (a dict of strings, empty when absent)."""
     path = Path(path)
     size = path.stat().st_size
     if size < 8:
@@ -74,18 +79,20 @@ def read_safetensors(path: Path) -> dict[str, RawTensor]:
         raise WeightsError(f"{path}: safetensors header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: safetensors header must be a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsError(f"{path}: safetensors __metadata__ must map strings to strings")
 
     buffer_len = size - 8 - header_len
     entries = {name: _validate_entry(path, name, info, buffer_len) for name, info in header.items()}
     if not entries:
-        return {}
+        return {}, metadata
     data = map_file(path)[8 + header_len :]  # the flat buffer; offsets below are relative to it
     tensors = {}
     for name, (tag, shape, begin, end) in entries.items():
         view = data[begin:end].view(DTYPES[tag]).reshape(shape)
         tensors[name] = RawTensor(tag, view)
-    return tensors
+    return tensors, metadata
 
 
 def _validate_entry(path: Path, name: str, info: object, buffer_len: int) -> tuple[str, tuple[int, ...], int, int]:

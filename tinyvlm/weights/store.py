@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyvlm.errors import ModelNotFound, WeightsError
-from tinyvlm.weights.safetensors import FLOAT_TAGS, RawTensor, read_safetensors
+from tinyvlm.weights.safetensors import FLOAT_TAGS, RawTensor, read_safetensors_with_metadata
 from tinyvlm.weights.torch_bin import ZIP_MAGIC, read_torch_bin
 
 # Looked for in this order inside a model directory.
@@ -36,9 +36,12 @@ def is_ignorable_buffer(name: str) -> bool:
 class TensorStore:
     """Read-only access by name to the tensors of one or more weight files."""
 
-    def __init__(self, tensors: dict[str, RawTensor], files: dict[str, Path]) -> None:
+    def __init__(
+        self, tensors: dict[str, RawTensor], files: dict[str, Path], metadata: dict[str, str] | None = None
+    ) -> None:
         self._tensors = tensors
         self._files = files  # tensor name -> the file it lives in
+        self.metadata: dict[str, str] = metadata or {}  # safetensors "__metadata__" (first shard's)
 
     def names(self) -> list[str]:
         return sorted(self._tensors)
@@ -59,6 +62,10 @@ class TensorStore:
 
     def files(self) -> list[Path]:
         return sorted(set(self._files.values()))
+
+    def stored(self, name: str) -> np.ndarray:
+        """The tensor as stored, zero-copy (BF16 as its raw uint16 patterns)."""
+        return self._raw(name).data
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as a C-contiguous array: float32 for float tensors, the stored dtype otherwise.
@@ -125,8 +132,8 @@ def _listing(names: list[str]) -> str:
 def open_file(path: Path) -> TensorStore:
     """Open one weight file (safetensors or torch zip-pickle, told apart by its first bytes)."""
     path = Path(path)
-    tensors = _read_any(path)
-    return TensorStore(tensors, dict.fromkeys(tensors, path))
+    tensors, metadata = _read_any(path)
+    return TensorStore(tensors, dict.fromkeys(tensors, path), metadata)
 
 
 def open_checkpoint(model_dir: Path) -> TensorStore:
@@ -151,28 +158,31 @@ def _open_index(index_path: Path) -> TensorStore:
         raise WeightsError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
     tensors: dict[str, RawTensor] = {}
     files: dict[str, Path] = {}
+    metadata: dict[str, str] = {}
     for shard_name in sorted(set(weight_map.values())):
         if Path(shard_name).name != shard_name:
             raise WeightsError(f"{index_path}: shard {shard_name!r} is not a plain file name in the same directory")
         shard = index_path.parent / shard_name
         if not shard.is_file():
             raise WeightsError(f"{index_path}: names shard {shard_name}, which is missing from {index_path.parent}")
-        for name, raw in _read_any(shard).items():
+        shard_tensors, shard_metadata = _read_any(shard)
+        metadata = metadata or shard_metadata
+        for name, raw in shard_tensors.items():
             if name in tensors:
                 raise WeightsError(f"{index_path}: tensor {name!r} is in both {files[name].name} and {shard_name}")
             tensors[name], files[name] = raw, shard
     for name, shard_name in weight_map.items():
         if files.get(name, Path()).name != shard_name:
             raise WeightsError(f"{index_path}: maps {name!r} to {shard_name}, but that shard does not hold it")
-    return TensorStore(tensors, files)
+    return TensorStore(tensors, files, metadata)
 
 
-def _read_any(path: Path) -> dict[str, RawTensor]:
-    """Dispatch on magic bytes: a zip archive is a torch checkpoint; a length + '{' header is safetensors."""
+def _read_any(path: Path) -> tuple[dict[str, RawTensor], dict[str, str]]:
+    """(tensors, metadata); dispatch on magic bytes: a zip is a torch checkpoint, a length + '{' safetensors."""
     with open(path, "rb") as f:
         head = f.read(9)
     if head[:4] == ZIP_MAGIC:
-        return read_torch_bin(path)
+        return read_torch_bin(path), {}
     if len(head) == 9 and head[8:9] == b"{":
-        return read_safetensors(path)
+        return read_safetensors_with_metadata(path)
     raise WeightsError(f"{path}: neither a safetensors file nor a PyTorch zip checkpoint (or truncated)")
