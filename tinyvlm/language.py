@@ -15,7 +15,11 @@ import numpy as np
 from tinyvlm.cache import KVCache
 from tinyvlm.config import TextConfig
 from tinyvlm.errors import PromptError, WeightsError
+from tinyvlm.backend import linear
 from tinyvlm.kernels import apply_rope, rms_norm, rope_tables, silu, softmax
+from tinyvlm.kernels.quant import QuantizedMatrix
+
+Weight = np.ndarray | QuantizedMatrix  # a linear layer's (out, in) matrix, dense or quantized
 
 
 # ---------------------------------------------------------------- weights
@@ -48,22 +52,24 @@ class _Layer:
     """One decoder block's weights, named as in the checkpoint (`model.layers.{i}.<part>.<name>.weight`)."""
 
     input_layernorm: np.ndarray  # (D,)
-    q_proj: np.ndarray  # (Hq*Dh, D)
-    k_proj: np.ndarray  # (Hkv*Dh, D)
-    v_proj: np.ndarray  # (Hkv*Dh, D)
-    o_proj: np.ndarray  # (D, Hq*Dh)
+    q_proj: Weight  # (Hq*Dh, D)
+    k_proj: Weight  # (Hkv*Dh, D)
+    v_proj: Weight  # (Hkv*Dh, D)
+    o_proj: Weight  # (D, Hq*Dh)
     post_attention_layernorm: np.ndarray  # (D,)
-    gate_proj: np.ndarray  # (F, D)
-    up_proj: np.ndarray  # (F, D)
-    down_proj: np.ndarray  # (D, F)
+    gate_proj: Weight  # (F, D)
+    up_proj: Weight  # (F, D)
+    down_proj: Weight  # (D, F)
 
 
-def _float32(weights: Mapping[str, np.ndarray], name: str) -> np.ndarray:
-    """A weight as contiguous float32 (no copy when it already is, so memory-mapped files stay lazy)."""
-    return np.ascontiguousarray(weights[name], dtype=np.float32)
+def _float32(weights: Mapping[str, Weight], name: str) -> Weight:
+    """A weight as contiguous float32 (no copy when it already is, so memory-mapped files stay lazy);
+    a quantized matrix (tinyvlm.quantize) is kept as it is."""
+    w = weights[name]
+    return w if isinstance(w, QuantizedMatrix) else np.ascontiguousarray(w, dtype=np.float32)
 
 
-def _load_layer(weights: Mapping[str, np.ndarray], i: int) -> _Layer:
+def _load_layer(weights: Mapping[str, Weight], i: int) -> _Layer:
     p = f"model.layers.{i}."
     return _Layer(
         input_layernorm=_float32(weights, p + "input_layernorm.weight"),
@@ -82,29 +88,33 @@ def _load_layer(weights: Mapping[str, np.ndarray], i: int) -> _Layer:
 
 def _mlp(layer: _Layer, x: np.ndarray) -> np.ndarray:
     """SwiGLU: down(silu(gate(x)) * up(x)); (T, D) -> (T, D)."""
-    hidden = silu(x @ layer.gate_proj.T) * (x @ layer.up_proj.T)  # (T, D) -> (T, F)
-    return hidden @ layer.down_proj.T  # (T, F) -> (T, D)
+    hidden = silu(linear(x, layer.gate_proj)) * linear(x, layer.up_proj)  # (T, D) -> (T, F)
+    return linear(hidden, layer.down_proj)  # (T, F) -> (T, D)
 
 
 class LanguageModel:
     """The decoder: `embed(ids)` gives input embeddings, `forward(embeds, cache)` gives next-token logits."""
 
-    def __init__(self, cfg: TextConfig, weights: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, cfg: TextConfig, weights: Mapping[str, Weight]) -> None:
         self.cfg = cfg
-        self._check(weights)
-        self.embed_tokens = _float32(weights, "model.embed_tokens.weight")  # (V, D)
-        self.layers = [_load_layer(weights, i) for i in range(cfg.num_hidden_layers)]
-        self.norm = _float32(weights, "model.norm.weight")  # (D,)
-        tied = cfg.tie_word_embeddings or "lm_head.weight" not in weights
-        self.lm_head = self.embed_tokens if tied else _float32(weights, "lm_head.weight")  # (V, D)
+        expected = language_expected_shapes(cfg)
+        expected.setdefault("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+        w = {name: _float32(weights, name) for name in expected if name in weights}  # each read once
+        self._check(w, expected)
+        self.embed_tokens = w["model.embed_tokens.weight"]  # (V, D)
+        self.layers = [_load_layer(w, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = w["model.norm.weight"]  # (D,)
+        # A tied model uses the embedding as its head, unless a (quantized) copy of the head is given.
+        self.lm_head = w.get("lm_head.weight", self.embed_tokens)  # (V, D)
         self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
 
-    def _check(self, weights: Mapping[str, np.ndarray]) -> None:
+    @staticmethod
+    def _check(weights: Mapping[str, Weight], expected: Mapping[str, tuple[int, ...]]) -> None:
         """Raise one WeightsError naming every missing or mis-shaped tensor (extra tensors are ignored)."""
         problems = []
-        for name, shape in language_expected_shapes(self.cfg).items():
+        for name, shape in expected.items():
             if name == "lm_head.weight" and name not in weights:
-                continue  # an untied checkpoint saved without its head falls back to the embedding
+                continue  # tied, or an untied checkpoint saved without its head: the embedding serves
             if name not in weights:
                 problems.append(f"missing {name} {shape}")
             elif tuple(weights[name].shape) != shape:
@@ -160,7 +170,7 @@ class LanguageModel:
         cache.advance(T)
         if not all_logits:
             x = x[-1:]  # (T, D) -> (1, D): only the last position's logits are needed
-        logits = rms_norm(x, self.norm, cfg.rms_norm_eps) @ self.lm_head.T  # (T, D) -> (T, V)
+        logits = linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)  # (T, D) -> (T, V)
         return logits if all_logits else logits[0]
 
     def _attention(self, i: int, layer: _Layer, x: np.ndarray, cache: KVCache, cos: np.ndarray,
@@ -169,9 +179,9 @@ class LanguageModel:
         cfg = self.cfg
         T, Hq, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         group = Hq // Hkv  # query heads per kv head
-        q = (x @ layer.q_proj.T).reshape(T, Hq, Dh).transpose(1, 0, 2)  # (T, D) -> (Hq, T, Dh)
-        k = (x @ layer.k_proj.T).reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, D) -> (Hkv, T, Dh)
-        v = (x @ layer.v_proj.T).reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, D) -> (Hkv, T, Dh)
+        q = linear(x, layer.q_proj).reshape(T, Hq, Dh).transpose(1, 0, 2)  # (T, D) -> (Hq, T, Dh)
+        k = linear(x, layer.k_proj).reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, D) -> (Hkv, T, Dh)
+        v = linear(x, layer.v_proj).reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, D) -> (Hkv, T, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(i, k, v)
         keys, values = cache.keys(i), cache.values(i)  # (Hkv, S, Dh) views, S = pos+T
@@ -185,4 +195,4 @@ class LanguageModel:
         probs = softmax(scores, out=scores)  # in place: no second (Hkv, group*T, S) buffer
         out = probs @ values  # (Hkv, group*T, S) @ (Hkv, S, Dh) -> (Hkv, group*T, Dh)
         out = out.reshape(Hq, T, Dh).transpose(1, 0, 2).reshape(T, Hq * Dh)  # -> (T, Hq*Dh)
-        return out @ layer.o_proj.T  # (T, Hq*Dh) -> (T, D)
+        return linear(out, layer.o_proj)  # (T, Hq*Dh) -> (T, D)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 
 from tinyvlm.config import ModelConfig, VisionConfig, load_config, read_json, vision_config_from_dict
-from tinyvlm.errors import ModelNotFound, WeightsError
+from tinyvlm.errors import ModelNotFound, TinyVLMError, WeightsError
 from tinyvlm.hub import resolve_model
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.projector import build_projector, projector_expected_shapes
+from tinyvlm.quantize import QuantizedView, check_quant, quantize_language, read_quantized, stored_shapes
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, infer_vision_config, vision_expected_shapes, vision_needed_names
 from tinyvlm.vlm import VLM
@@ -28,25 +28,6 @@ TOWER_PREFIX = "model.vision_tower.vision_tower."  # inside MobileVLM checkpoint
 TOWER_NAME_PREFIXES = (TOWER_PREFIX, "vision_tower.", "")  # a standalone CLIP repo has no prefix
 
 Progress = Callable[[int, int], None]
-
-
-class _Weights(Mapping[str, np.ndarray]):
-    """name -> float32 array, read from the store on access (with an optional prefix and progress callback)."""
-
-    def __init__(self, store: TensorStore, names: set[str], prefix: str, tick: Callable[[], None]) -> None:
-        self.store, self.names, self.prefix, self.tick = store, names, prefix, tick
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.names:
-            raise KeyError(name)
-        self.tick()
-        return self.store.get(self.prefix + name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def _tower_prefix(store: TensorStore) -> str | None:
@@ -88,21 +69,36 @@ def _console_progress(done: int, total: int) -> None:
 def load(
     path_or_repo_id: str | Path,
     *,
+    quant: str | None = None,
     vision_tower: str | Path | None = None,
     progress: Progress | bool | None = None,
 ) -> VLM:
     """Load a MobileVLM (V1 or V2) or a text-only MobileLLaMA / LLaMA checkpoint.
 
     `path_or_repo_id`: a directory, or an id such as `mtgv/MobileVLM_V2-1.7B` found in the Hugging Face cache.
+    `quant`: "int4" or "int8" quantizes the LLM's linear layers while loading (tinyvlm.quantize); a file written
+    by `python -m tinyvlm quantize` is already quantized and loads by memory map.
     `vision_tower`: a CLIP directory or id to use instead of the one the config names.
     `progress`: True for a console bar on stderr, or a callback(done, total).
     """
+    check_quant(quant)
     model_dir = resolve_model(path_or_repo_id)
     cfg = load_config(model_dir)
     store = open_checkpoint(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
+    files = ", ".join(map(str, store.files()))
+    file_kinds = read_quantized(store.metadata, files, store.names())
+    file_quant = store.metadata.get("quant") if file_kinds else None
+    if file_kinds and quant not in (None, file_quant):
+        raise TinyVLMError(f"{files}: already quantized as {file_quant}; it cannot be loaded as {quant}")
 
-    expected = dict(language_expected_shapes(cfg.text))
+    lang_shapes = language_expected_shapes(cfg.text)
+    expected = {n: s for n, s in lang_shapes.items() if n not in file_kinds}
+    for name, kind in file_kinds.items():
+        if name not in lang_shapes and name != "lm_head.weight":
+            raise WeightsError(f"{files}: quantized tensor {name!r} is not part of this model")
+        shape = lang_shapes.get(name, (cfg.text.vocab_size, cfg.text.hidden_size))
+        expected.update(stored_shapes(name, kind, shape))
     optional: set[str] = set()
     vision_cfg = tower_store = None
     tower_prefix = ""
@@ -121,7 +117,7 @@ def load(
     store.check(expected, optional=optional, ignore=is_ignorable_buffer)
 
     # Read the tensors (only the vision layers that run), ticking the progress bar.
-    lang_names = {n for n in language_expected_shapes(cfg.text) if n in store}
+    lang_names = {n for n in lang_shapes if n in store} | set(file_kinds)
     vision_names = vision_needed_names(vision_cfg) if vision_cfg is not None else set()
     proj_names = set(projector_expected_shapes(cfg.projector)) if cfg.projector is not None else set()
     total = len(lang_names) + len(vision_names) + len(proj_names)
@@ -134,7 +130,15 @@ def load(
         if report is not None:
             report(done, total)
 
-    language = LanguageModel(cfg.text, _Weights(store, lang_names, "", tick))
+    if file_kinds:
+        full_shapes = {**lang_shapes, "lm_head.weight": (cfg.text.vocab_size, cfg.text.hidden_size)}
+        lang_weights = QuantizedView(store, lang_names, file_kinds, full_shapes, on_read=tick)
+    else:
+        lang_weights = store.view(lang_names, on_read=tick)
+    quant_report = None
+    if quant is not None and not file_kinds:
+        lang_weights, quant_report = quantize_language(cfg.text, lang_weights, quant)
+    language = LanguageModel(cfg.text, lang_weights)
     vision = projector = None
     if cfg.projector is not None and vision_cfg is not None and tower_store is not None:
         if tower_store is not store:
@@ -142,9 +146,12 @@ def load(
                 {tower_prefix + n: s for n, s in vision_expected_shapes(vision_cfg).items() if n in vision_names},
                 ignore=lambda n: True,
             )
-        vision = VisionTower(vision_cfg, _Weights(tower_store, vision_names, tower_prefix, tick))
-        projector = build_projector(cfg.projector, _Weights(store, proj_names, PROJECTOR_PREFIX, tick))
-    return VLM(cfg, tokenizer, language, vision, projector, vision_cfg, path=model_dir)
+        vision = VisionTower(vision_cfg, tower_store.view(vision_names, tower_prefix, tick))
+        projector = build_projector(cfg.projector, store.view(proj_names, PROJECTOR_PREFIX, tick))
+    vlm = VLM(cfg, tokenizer, language, vision, projector, vision_cfg, path=model_dir)
+    vlm.quant = quant or file_quant
+    vlm.quant_report = quant_report
+    return vlm
 
 
 def _choose_tower(

@@ -99,6 +99,8 @@ class VLM:
         self.vision_config = vision_config
         self.path = path
         self.stats = Stats()
+        self.quant: str | None = None  # "int4" / "int8" when the LLM's linear layers are quantized
+        self.quant_report: Any = None  # tinyvlm.quantize.QuantReport when quantized at load
 
     # ---------------------------------------------------------------- image side
 

@@ -9,7 +9,7 @@ but reporting every problem at once (style.md b3).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,10 @@ class TensorStore:
 
     def files(self) -> list[Path]:
         return sorted(set(self._files.values()))
+
+    def view(self, names: Iterable[str], prefix: str = "", on_read: Callable[[], None] | None = None) -> "StoreView":
+        """A read-only Mapping of `names` (looked up as prefix + name) to float32 arrays, read on access."""
+        return StoreView(self, set(names), prefix, on_read)
 
     def stored(self, name: str) -> np.ndarray:
         """The tensor as stored, zero-copy (BF16 as its raw uint16 patterns)."""
@@ -122,6 +126,26 @@ class TensorStore:
             return self._tensors[name]
         except KeyError:
             raise WeightsError(f"no tensor {name!r} in {', '.join(str(f) for f in self.files())}") from None
+
+
+class StoreView(Mapping[str, np.ndarray]):
+    """Some of a store's tensors as a Mapping, read (and converted to float32) only when accessed."""
+
+    def __init__(self, store: TensorStore, names: set[str], prefix: str, on_read: Callable[[], None] | None) -> None:
+        self.store, self.names, self.prefix, self.on_read = store, names, prefix, on_read
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        if self.on_read is not None:
+            self.on_read()
+        return self.store.get(self.prefix + name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _listing(names: list[str]) -> str:

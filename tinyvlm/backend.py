@@ -1,0 +1,65 @@
+"""The seam between model code and kernels: `linear(x, w)` for dense or quantized weights, and the backend choice.
+
+Model code calls `linear` and never checks weight types (style.md (b) 10). Backends:
+    "numpy"  NumPy references everywhere (tinyvlm/kernels/quant.py for quantized weights)
+    "numba"  the Numba kernels in tinyvlm/kernels/quant_numba.py for quantized weights
+The default is "numba" when numba can be imported, else "numpy"; the environment variable
+TINYVLM_BACKEND overrides the default, set_backend overrides both. numba is imported on the first
+call that needs it, never at import time, so `python -m tinyvlm --help` does not load it.
+Dense float32 weights always go to BLAS (numpy @), which is already as fast as a weight read allows.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tinyvlm.errors import TinyVLMError
+from tinyvlm.kernels import _numba, quant
+from tinyvlm.kernels.quant import QuantizedMatrix
+
+BACKENDS = ("numpy", "numba")
+_chosen: dict[str, str] = {}  # "name" -> the backend in use, once resolved or set
+
+
+def _check(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise TinyVLMError(f"unknown backend {name!r} from {source}; expected one of {', '.join(BACKENDS)}")
+    if name == "numba" and not _numba.available():
+        raise TinyVLMError(f"backend 'numba' from {source} is unavailable: {_numba.why_unavailable()}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Use "numpy" or "numba" from now on; raises TinyVLMError if unknown or if numba cannot be imported."""
+    _chosen["name"] = _check(name, "set_backend")
+
+
+def get_backend() -> str:
+    """The backend in use: set_backend's choice, else TINYVLM_BACKEND, else numba when importable, else numpy."""
+    if "name" not in _chosen:
+        env = os.environ.get("TINYVLM_BACKEND")
+        if env:
+            _chosen["name"] = _check(env, "TINYVLM_BACKEND")
+        else:
+            _chosen["name"] = "numba" if _numba.available() else "numpy"
+    return _chosen["name"]
+
+
+def set_threads(n: int) -> None:
+    """Threads for the numba kernels (no effect on the numpy backend, whose BLAS reads OPENBLAS_NUM_THREADS)."""
+    if get_backend() == "numba":
+        _numba.set_threads(n)
+    elif n < 1:
+        raise TinyVLMError(f"threads must be at least 1, got {n}")
+
+
+def linear(x: np.ndarray, w: np.ndarray | QuantizedMatrix) -> np.ndarray:
+    """x @ w.T for x (in,) or (T, in) float32 and w a dense (out, in) array or a QuantizedMatrix."""
+    if isinstance(w, np.ndarray):
+        return x @ w.T  # (T, in) -> (T, out)
+    if get_backend() == "numba":
+        from tinyvlm.kernels import quant_numba  # compiles (or loads from cache) on first use
+
+        return quant_numba.linear(x, w)
+    return quant.matvec_ref(w, x) if x.ndim == 1 else quant.matmul_ref(x, w)

@@ -1,0 +1,190 @@
+"""Group-wise quantized linear weights, NumPy reference: formats, (de)quantization, matvec and matmul.
+
+The block semantics are GGUF's (ggml-quants.c, as mirrored bit-exactly by the `gguf` package's Python
+quants), so that llama.cpp files load without requantizing. A weight W (out, in) is cut along `in` into
+groups of GROUP = 32 values; each group keeps a float16 scale d (and for q4_1 a float16 min m):
+    q4_0  w = d * (q - 8)   q in 0..15    d = (the value of largest magnitude) / -8
+    q4_1  w = d * q + m     q in 0..15    d = (max - min) / 15, m = min
+    q8_0  w = d * q         q in -127..127 d = max|w| / 127, q rounded half away from zero
+The quantizer works with the float32 d and stores it rounded to float16, exactly as ggml does.
+
+In-memory layout (what the Numba kernels read; converted from GGUF blocks once, at load):
+    qs  q4: uint8 (out, in/2), GGUF in-block order: byte j of group g holds element 32g+j in the low
+            nibble and element 32g+j+16 in the high nibble;  q8: int8 (out, in)
+    d   float32 (out, in/32)  the float16 scale, widened
+    m   float32 (out, in/32)  q4_1 only
+Why float32 scales: Numba has no float16 type on the CPU, and the alternative (uint16 bits widened through
+a 65536-entry table, per row into a small buffer) was not faster in the decode kernel on the reference VM
+(q4_0 5632 x 2048, one thread, from memory: 960-1190 µs with float32 scales, 1030-1370 µs with the
+table), despite reading 10% fewer bytes. Files store d and m as float16 (to_arrays / from_arrays), so
+nothing is lost or added either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinyvlm.errors import WeightsError
+
+GROUP = 32  # weights per block, along `in`
+KINDS = ("q4_0", "q4_1", "q8_0")
+# GGUF block: float16 d [, float16 m], then the packed values.
+_GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 2 + 2 + 16, "q8_0": 2 + 32}
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value; compare fields explicitly
+class QuantizedMatrix:
+    """A linear weight W (out, in) quantized in groups of 32 along `in`; see the module docstring."""
+
+    kind: str  # "q4_0" | "q4_1" | "q8_0"
+    shape: tuple[int, int]  # (out, in) of the float matrix it stands for
+    qs: np.ndarray  # q4: uint8 (out, in/2); q8: int8 (out, in)
+    d: np.ndarray  # float32 (out, in/32)
+    m: np.ndarray | None = None  # float32 (out, in/32), q4_1 only
+
+
+def _check_kind_shape(kind: str, shape: tuple[int, int]) -> tuple[int, int]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantization kind {kind!r}; expected one of {', '.join(KINDS)}")
+    out, n_in = (int(s) for s in shape)
+    if n_in % GROUP:
+        raise ValueError(f"cannot quantize a matrix with {n_in} inputs: not a multiple of the group size {GROUP}")
+    return out, n_in
+
+
+def _to_f16_f32(v: np.ndarray) -> np.ndarray:
+    """Round float32 scales to float16 (as stored in GGUF) and widen them back for the kernels."""
+    with np.errstate(over="ignore"):  # a scale beyond float16 range becomes inf, as in ggml
+        return v.astype(np.float16).astype(np.float32)
+
+
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    """roundf(): nearest integer, ties away from zero (np.round would round ties to even)."""
+    a = np.abs(v)
+    fa = np.floor(a)
+    return np.sign(v) * (fa + (a - fa >= np.float32(0.5)))  # a - fa is exact, so no double rounding
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(out, G, 32) values 0..15 -> (out, G*16) bytes: element j low nibble, element j+16 high nibble."""
+    out = q.shape[0]
+    return (q[..., :16] | (q[..., 16:] << np.uint8(4))).reshape(out, -1)
+
+
+def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(out, in/2) bytes -> (out, in/32, 32) values 0..15 in element order."""
+    b = qs.reshape(qs.shape[0], -1, 16)  # (out, G, 16)
+    return np.concatenate([b & np.uint8(15), b >> np.uint8(4)], axis=-1)  # (out, G, 32)
+
+
+def quantize(w: np.ndarray, kind: str) -> QuantizedMatrix:
+    """Quantize a float32 weight (out, in) group-wise along `in`, bit-exact with ggml's reference quantizer."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {w.shape}")
+    out, n_in = _check_kind_shape(kind, w.shape)
+    blocks = np.asarray(w, dtype=np.float32).reshape(out, n_in // GROUP, GROUP)  # (out, G, 32)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        if kind == "q4_0":
+            imax = np.abs(blocks).argmax(axis=-1)[..., None]  # first value of largest magnitude, as ggml
+            d = np.take_along_axis(blocks, imax, axis=-1) / np.float32(-8)  # (out, G, 1)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+            return QuantizedMatrix(kind, (out, n_in), _pack_nibbles(q), _to_f16_f32(d[..., 0]))
+        if kind == "q4_1":
+            lo = blocks.min(axis=-1, keepdims=True)  # (out, G, 1)
+            d = (blocks.max(axis=-1, keepdims=True) - lo) / np.float32(15)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            q = np.trunc((blocks - lo) * inv + np.float32(0.5)).astype(np.uint8).clip(0, 15)
+            return QuantizedMatrix(kind, (out, n_in), _pack_nibbles(q), _to_f16_f32(d[..., 0]),
+                                   _to_f16_f32(lo[..., 0]))
+        d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)  # q8_0
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+        q = _round_half_away(blocks * inv).astype(np.int8).reshape(out, n_in)
+        return QuantizedMatrix(kind, (out, n_in), q, _to_f16_f32(d[..., 0]))
+
+
+def dequantize(qm: QuantizedMatrix) -> np.ndarray:
+    """The float32 matrix (out, in) that qm stands for, with ggml's dequantization arithmetic."""
+    out, n_in = qm.shape
+    d = qm.d[..., None]  # (out, G, 1)
+    if qm.kind == "q8_0":
+        w = qm.qs.reshape(out, -1, GROUP).astype(np.float32) * d  # (out, G, 32)
+    elif qm.kind == "q4_0":
+        w = d * (_unpack_nibbles(qm.qs).astype(np.float32) - np.float32(8))
+    else:
+        w = d * _unpack_nibbles(qm.qs).astype(np.float32) + qm.m[..., None]
+    return w.reshape(out, n_in)
+
+
+def from_gguf_blocks(kind: str, raw: bytes | np.ndarray, shape: tuple[int, int]) -> QuantizedMatrix:
+    """Convert a GGUF tensor's block bytes (rows of `in/32` blocks) for a weight of `shape` (out, in)."""
+    out, n_in = _check_kind_shape(kind, shape)
+    data = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+    n_groups = n_in // GROUP
+    expected = out * n_groups * _GGUF_BLOCK_BYTES[kind]
+    if data.dtype != np.uint8 or data.size != expected:
+        raise WeightsError(
+            f"{kind} tensor of shape {(out, n_in)} needs {expected} bytes of GGUF blocks, "
+            f"got {data.size} values of dtype {data.dtype}"
+        )
+    blocks = np.ascontiguousarray(data).reshape(out, n_groups, _GGUF_BLOCK_BYTES[kind])  # (out, G, bytes)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (out, G)
+    if kind == "q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        return QuantizedMatrix(kind, (out, n_in), blocks[..., 4:].reshape(out, n_in // 2), d, m)
+    if kind == "q4_0":
+        return QuantizedMatrix(kind, (out, n_in), blocks[..., 2:].reshape(out, n_in // 2), d)
+    return QuantizedMatrix(kind, (out, n_in), blocks[..., 2:].reshape(out, n_in).view(np.int8), d)
+
+
+def _expected_arrays(kind: str, out: int, n_in: int) -> dict[str, tuple[tuple[int, int], type]]:
+    """Array name -> (shape, dtype) as stored in a file."""
+    spec = {"qs": ((out, n_in // 2), np.uint8) if kind != "q8_0" else ((out, n_in), np.int8),
+            "d": ((out, n_in // GROUP), np.float16)}
+    if kind == "q4_1":
+        spec["m"] = ((out, n_in // GROUP), np.float16)
+    return spec
+
+
+def to_arrays(qm: QuantizedMatrix) -> dict[str, np.ndarray]:
+    """The arrays to save for qm (scales as float16, exactly as quantized); inverse of from_arrays."""
+    arrays = {"qs": qm.qs, "d": qm.d.astype(np.float16)}
+    if qm.m is not None:
+        arrays["m"] = qm.m.astype(np.float16)
+    return arrays
+
+
+def from_arrays(kind: str, shape: tuple[int, int], arrays: dict[str, np.ndarray]) -> QuantizedMatrix:
+    """Rebuild a QuantizedMatrix from saved arrays, refusing any name, shape or dtype that does not fit."""
+    try:
+        out, n_in = _check_kind_shape(kind, shape)
+    except ValueError as e:
+        raise WeightsError(f"bad quantized tensor description: {e}") from None
+    spec = _expected_arrays(kind, out, n_in)
+    if set(arrays) != set(spec):
+        raise WeightsError(f"{kind} tensor of shape {(out, n_in)} needs arrays {sorted(spec)}, got {sorted(arrays)}")
+    for name, (want_shape, want_dtype) in spec.items():
+        a = arrays[name]
+        if a.shape != want_shape or a.dtype != want_dtype:
+            raise WeightsError(
+                f"{kind} tensor of shape {(out, n_in)}: array {name!r} should be {np.dtype(want_dtype)} "
+                f"{want_shape}, got {a.dtype} {a.shape}"
+            )
+    m = arrays["m"].astype(np.float32) if kind == "q4_1" else None
+    return QuantizedMatrix(kind, (out, n_in), arrays["qs"], arrays["d"].astype(np.float32), m)
+
+
+def nbytes(qm: QuantizedMatrix) -> int:
+    """Bytes one full pass over the weight reads (packed values plus scales and mins)."""
+    return qm.qs.nbytes + qm.d.nbytes + (qm.m.nbytes if qm.m is not None else 0)
+
+
+def matvec_ref(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
+    """y = W' x with W' = dequantize(qm): x (in,) -> (out,), float32."""
+    return dequantize(qm) @ np.asarray(x, dtype=np.float32)  # (in,) -> (out,)
+
+
+def matmul_ref(x: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
+    """y = x W'^T with W' = dequantize(qm): x (T, in) -> (T, out), float32."""
+    return np.asarray(x, dtype=np.float32) @ dequantize(qm).T  # (T, in) -> (T, out)

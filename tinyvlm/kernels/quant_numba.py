@@ -1,0 +1,175 @@
+"""Numba kernels for quantized linear layers: fused-dequantization matvec (decode), tiled matmul (prefill).
+
+Each kernel's test oracle is its NumPy reference in quant.py (matvec_ref, matmul_ref, dequantize).
+Plain Numba only (no intrinsics), so the same code compiles on x86-64 and ARM64; `cache=True`, so a
+second start loads the machine code from __pycache__ instead of recompiling.
+
+Decode (x is one token): one pass over the weight bytes per output row, dequantization fused into the
+dot product. Per group g of row o, with lo/hi the two nibbles of a byte and m the group offset
+(q4_0: m = -8 d, q4_1: the stored min):
+    y[o] = sum_g d[o,g] * sum_j (lo_j x_j + hi_j x_{j+16}) + sum_g m[o,g] * sum(x in group g)
+with sum(x in group g) computed once per call. The nibbles are split in float32 (hi = floor(b / 16),
+lo = b - 16 hi) and the scale is looked up per byte (d[o, j >> 4]) in one flat loop over the row: the
+form LLVM vectorizes. Each row's cache lines are touched first (_touch_row). Measured on a 2-core
+Sapphire Rapids VM, one thread, weights streamed from memory (benchmarks/bench_kernels.py):
+    this kernel                                                  ~7.5 GB/s   (q4_0, 5632 x 2048; ceiling 16.7)
+    without _touch_row                                           ~2.7 GB/s
+    a per-group inner loop with a sum per group                  ~5x slower  (a horizontal add per 32 weights)
+    int8 activations + integer dot products (as llama.cpp does)  ~2x slower  (Numba widens the products to int64)
+    (lo - 8), (hi - 8) in the loop instead of the sum(x) term    ~12% slower
+Float32 error: the two terms cancel where w' is near 0, so it is bounded relative to
+sum |x| (|d q| + |m|) rather than sum |x||w'| (tests/test_quant.py states it); both are orders of
+magnitude below the quantization error itself.
+
+Prefill (T > 1): dequantize a tile of rows into float32 (exact: d is a float16 value, so d*q needs at
+most 19 bits), then multiply the tile with BLAS (numpy @), which brings its own threads. The dequantization
+runs on one thread on purpose: with Numba's OpenMP threads spinning after a parallel dequantization,
+OpenBLAS's threads were starved (matmul 5632 x 2048, T = 192, 2 threads: ~1 s instead of ~30-60 ms).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinyvlm.kernels import _numba
+from tinyvlm.kernels.quant import GROUP, QuantizedMatrix
+
+numba = _numba.module()
+# Reassociation lets LLVM vectorize the reductions; no "fast" flags that assume away inf and NaN.
+_FAST = {"reassoc", "contract"}
+# Rows dequantized per BLAS call in matmul. T = 192, q4_0, 1 thread, GFLOP/s for tiles of 64/128/256/512 rows:
+# 5632 x 2048: 102/109/114/118, 32000 x 2048: 96/105/111/108 (dense float32 BLAS: 147, 135); 512 also
+# led at 2 threads (benchmarks/bench_kernels.py).
+TILE_ROWS = 512
+
+
+@numba.njit(cache=True, inline="always")
+def _touch_row(qs: np.ndarray, d: np.ndarray, o: int) -> np.int64:
+    """Load one byte per cache line of row o first, so that all its memory reads are in flight at once.
+
+    The dot product's loop issues its loads too slowly to hide memory latency on its own; this measured
+    2.7x faster decode from memory on the reference VM. The caller stores the result so it stays live.
+    """
+    t = np.int64(0)
+    for k in range(0, qs.shape[1], 64):
+        t += np.int64(qs[o, k])
+    for k in range(0, d.shape[1], 16):
+        t += np.int64(d[o, k] != 0)
+    return t
+
+
+@numba.njit(parallel=True, fastmath=_FAST, cache=True)
+def _matvec_q4(qs: np.ndarray, d: np.ndarray, m: np.ndarray, m_scale: np.float32, x_lo: np.ndarray,
+               x_hi: np.ndarray, x_sum: np.ndarray, y: np.ndarray, touched: np.ndarray) -> None:
+    """y[o] = sum_j d[o, j>>4] (lo_j x_lo[j] + hi_j x_hi[j]) + m_scale * sum_g m[o, g] x_sum[g]."""
+    out, half = qs.shape
+    n_groups = d.shape[1]
+    for o in numba.prange(out):
+        touched[o] = _touch_row(qs, d, o)
+        acc = np.float32(0)
+        for j in range(half):
+            b = np.float32(qs[o, j])
+            hi = np.floor(b * np.float32(0.0625))
+            lo = b - np.float32(16) * hi
+            acc += d[o, j >> 4] * (lo * x_lo[j] + hi * x_hi[j])
+        offset = np.float32(0)
+        for g in range(n_groups):
+            offset += m[o, g] * x_sum[g]
+        y[o] = acc + m_scale * offset
+
+
+@numba.njit(parallel=True, fastmath=_FAST, cache=True)
+def _matvec_q8(qs: np.ndarray, d: np.ndarray, x: np.ndarray, y: np.ndarray, touched: np.ndarray) -> None:
+    """y[o] = sum_j d[o, j>>5] q[o, j] x[j]."""
+    out, n_in = qs.shape
+    for o in numba.prange(out):
+        touched[o] = _touch_row(qs, d, o)
+        acc = np.float32(0)
+        for j in range(n_in):
+            acc += d[o, j >> 5] * (np.float32(qs[o, j]) * x[j])
+        y[o] = acc
+
+
+@numba.njit(cache=True)
+def _dequantize_q4(qs: np.ndarray, d: np.ndarray, m: np.ndarray, has_min: bool, row0: int, w: np.ndarray) -> None:
+    """Rows row0 .. row0 + len(w) of a q4 matrix into w, bit-exact with quant.dequantize (signed zeros too):
+    q4_0 w = d * (q - 8), q4_1 w = d * q + m."""
+    half = qs.shape[1]
+    for r in range(w.shape[0]):
+        o = row0 + r
+        for j in range(half):
+            g = j >> 4
+            k = (g << 5) + (j & 15)  # element of the low nibble; the high nibble is k + 16
+            lo = np.float32(qs[o, j] & 15)
+            hi = np.float32(qs[o, j] >> 4)
+            if has_min:
+                w[r, k] = d[o, g] * lo + m[o, g]
+                w[r, k + 16] = d[o, g] * hi + m[o, g]
+            else:
+                w[r, k] = d[o, g] * (lo - np.float32(8))
+                w[r, k + 16] = d[o, g] * (hi - np.float32(8))
+
+
+@numba.njit(cache=True)
+def _dequantize_q8(qs: np.ndarray, d: np.ndarray, row0: int, w: np.ndarray) -> None:
+    """w[r] = d * q for rows row0 .. row0 + len(w) of a q8_0 matrix."""
+    n_in = qs.shape[1]
+    for r in range(w.shape[0]):
+        o = row0 + r
+        for j in range(n_in):
+            w[r, j] = np.float32(qs[o, j]) * d[o, j >> 5]
+
+
+def _offsets(qm: QuantizedMatrix) -> tuple[np.ndarray, np.float32]:
+    """The per-group offset array and its factor: q4_0 has m = -8 d, q4_1 stores m."""
+    if qm.kind == "q4_1":
+        return qm.m, np.float32(1)
+    return qm.d, np.float32(-8)
+
+
+def matvec(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
+    """y = dequantize(qm) @ x for one token: x (in,) -> (out,), float32. Oracle: quant.matvec_ref."""
+    out, n_in = qm.shape
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty(out, dtype=np.float32)
+    touched = np.empty(out, dtype=np.int64)  # see _touch_row
+    if qm.kind == "q8_0":
+        _matvec_q8(qm.qs, qm.d, x, y, touched)
+        return y
+    xg = x.reshape(n_in // GROUP, 2, GROUP // 2)  # (in,) -> (G, 2, 16): halves that share a byte
+    x_lo = np.ascontiguousarray(xg[:, 0]).reshape(-1)  # (in/2,) in byte order
+    x_hi = np.ascontiguousarray(xg[:, 1]).reshape(-1)
+    x_sum = xg.sum(axis=(1, 2), dtype=np.float32)  # (G,)
+    m, m_scale = _offsets(qm)
+    _matvec_q4(qm.qs, qm.d, m, m_scale, x_lo, x_hi, x_sum, y, touched)
+    return y
+
+
+def dequantize_rows(qm: QuantizedMatrix, row0: int, w: np.ndarray) -> None:
+    """Fill w (R, in) with rows row0 .. row0 + R of dequantize(qm) (one thread). Oracle: quant.dequantize."""
+    if qm.kind == "q8_0":
+        _dequantize_q8(qm.qs, qm.d, row0, w)
+    else:
+        m, _ = _offsets(qm)
+        _dequantize_q4(qm.qs, qm.d, m, qm.kind == "q4_1", row0, w)
+
+
+def matmul(x: np.ndarray, qm: QuantizedMatrix, tile_rows: int = TILE_ROWS) -> np.ndarray:
+    """y = x @ dequantize(qm).T: x (T, in) -> (T, out), float32, tile by tile. Oracle: quant.matmul_ref."""
+    out, n_in = qm.shape
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty((x.shape[0], out), dtype=np.float32)
+    tile = np.empty((min(tile_rows, out), n_in), dtype=np.float32)  # (R, in)
+    for row0 in range(0, out, tile_rows):
+        w = tile[: min(tile_rows, out - row0)]
+        dequantize_rows(qm, row0, w)
+        np.matmul(x, w.T, out=y[:, row0 : row0 + w.shape[0]])  # (T, in) @ (in, R) -> (T, R)
+    return y
+
+
+def linear(x: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
+    """x @ W.T for x (in,) or (T, in): matvec for one token, tiled matmul otherwise."""
+    if x.ndim == 1:
+        return matvec(qm, x)
+    if x.shape[0] == 1:
+        return matvec(qm, x[0])[None]  # (1, in) -> (1, out)
+    return matmul(x, qm)
