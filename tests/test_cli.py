@@ -204,3 +204,19 @@ def test_bad_generation_flag(checkpoints):
 def test_image_given_to_text_only_model(checkpoints, shared_data):
     proc = chat_once(checkpoints["text"].path, str(shared_data / "images" / "test-1.jpeg"))
     assert_one_line_error(proc, "text-only")
+
+
+def test_quantize_then_chat(checkpoints, shared_data, tmp_path):
+    out = tmp_path / "v2-int4"
+    proc = run_cli("quantize", str(checkpoints["v2"].path), str(out), "--quant", "int4")
+    assert proc.returncode == 0, proc.stderr
+    assert "relative error" in proc.stdout
+    image = str(shared_data / "images" / "test-1.jpeg")
+    quantized = run_cli("chat", image, "--model", str(out), "-p", "Hi", "--max-tokens", "6", "--threads", "1")
+    at_load = run_cli("chat", image, "--model", str(checkpoints["v2"].path), "--quant", "int4", "-p", "Hi",
+                      "--max-tokens", "6")
+    assert quantized.returncode == 0 and at_load.returncode == 0, quantized.stderr + at_load.stderr
+    assert quantized.stdout == at_load.stdout
+    again = run_cli("quantize", str(checkpoints["v2"].path), str(out), "--quant", "int4")
+    assert_one_line_error(again, "already exists")
+    assert not (tmp_path / "v2-int4.partial").exists()

@@ -37,7 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
                       help="default %(default)s")
     chat.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed for sampling")
+    chat.add_argument("--quant", choices=["int4", "int8"], help="quantize the LLM's linear layers while loading")
+    chat.add_argument("--threads", type=int, help="threads for the Numba kernels (default: all cores)")
     chat.add_argument("--verbose", action="store_true", help="print timings and peak memory")
+
+    quantize = sub.add_parser("quantize", help="write a quantized copy of a model that loads by memory map")
+    quantize.add_argument("src", help="model directory or Hugging Face id")
+    quantize.add_argument("out", help="new output directory")
+    quantize.add_argument("--quant", choices=["int4", "int8"], required=True)
 
     inspect = sub.add_parser("inspect", help="print a model's config and a table of its tensors")
     inspect.add_argument("path", help="model directory, Hugging Face id, or weight file")
@@ -99,7 +106,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
     GenerationConfig(**gen).validate()  # bad flags fail before the slow load
     image = load_image(args.image) if args.image else None
-    vlm = load(args.model or _default_model(), vision_tower=args.vision_tower, progress=True)
+    if args.threads is not None:
+        from tinyvlm.backend import set_threads
+
+        set_threads(args.threads)
+    vlm = load(args.model or _default_model(), quant=args.quant, vision_tower=args.vision_tower, progress=True)
+    if vlm.quant_report is not None:
+        print(f"quantized {vlm.quant_report}", file=sys.stderr)
     if image is not None and vlm.vision is None:
         raise TinyVLMError(f"{vlm.path}: a text-only model; run it without an image")
     chat = vlm.chat(image=image, system=args.system)
@@ -132,6 +145,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _stream(chat, line, gen, args.verbose)
         except TinyVLMError as e:
             print(f"tinyvlm: {e}", file=sys.stderr)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tinyvlm.loader import console_progress
+    from tinyvlm.quantize import save_quantized
+
+    report = save_quantized(args.src, args.out, args.quant, progress=console_progress)
+    print(f"wrote {args.out}: {report}")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -170,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "quantize":
+            return cmd_quantize(args)
         return cmd_inspect(args)
     except TinyVLMError as e:
         print(f"tinyvlm: error: {e}", file=sys.stderr)

@@ -59,7 +59,7 @@ def _tower_config(config_dir: Path | None, shapes: dict[str, tuple[int, ...]], c
     return infer_vision_config(shapes, select_layer=layer, select_feature=feature)
 
 
-def _console_progress(done: int, total: int) -> None:
+def console_progress(done: int, total: int) -> None:
     width = 30
     filled = width * done // max(total, 1)
     end = "\n" if done == total else ""
@@ -121,7 +121,7 @@ def load(
     vision_names = vision_needed_names(vision_cfg) if vision_cfg is not None else set()
     proj_names = set(projector_expected_shapes(cfg.projector)) if cfg.projector is not None else set()
     total = len(lang_names) + len(vision_names) + len(proj_names)
-    report: Progress | None = _console_progress if progress is True else (progress or None)
+    report: Progress | None = console_progress if progress is True else (progress or None)
     done = 0
 
     def tick() -> None:
