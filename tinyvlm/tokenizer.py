@@ -14,9 +14,18 @@ section 7):
 
 Field numbers follow sentencepiece_model.proto as compiled into the sentencepiece package
 (sentencepiece_model_pb2.py).
+
+GGUF files carry their vocabulary in `tokenizer.ggml.*` metadata (`Tokenizer.from_gguf`), following llama.cpp
+(src/llama-vocab.cpp):
+* model "llama": the same SentencePiece pieces, scores and types, built exactly as from tokenizer.model;
+* model "gpt2": byte-level BPE (as SmolLM2 uses): every byte is spelled as one printable character, the
+  merges are given, and the text is first split by the regexes llama.cpp picks for `tokenizer.ggml.pre`;
+  tokens of type control or unknown are matched in the raw text as special tokens, user-defined ones as
+  added tokens.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import struct
@@ -26,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, decoders, models, normalizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from tinyvlm.errors import TokenizerError
 
@@ -139,7 +148,7 @@ def parse_sentencepiece(data: bytes) -> SentencePieceModel:
 # SentencePiece model -> tokenizers.Tokenizer
 
 
-def _check_supported(sp: SentencePieceModel, path: Path) -> None:
+def _check_supported(sp: SentencePieceModel, path: str | Path) -> None:
     """Only LLaMA-style models: BPE, byte fallback, identity normalizer, whitespace escaped, kept as is."""
     problems = []
     if sp.model_type != BPE:
@@ -203,6 +212,76 @@ def _build(sp: SentencePieceModel) -> tokenizers.Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# GGUF vocabularies (tokenizer.ggml.* metadata)
+
+_GGUF = "GGUF tokenizer metadata"  # how errors name the source
+
+# llama.cpp's pre-tokenizer regexes (llm_tokenizer_bpe), applied in order; each splits every chunk further,
+# keeping both the matches and the text between them.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"),
+    "gpt-2": (_GPT2_SPLIT,),
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
+    "starcoder": (r"\p{N}", _GPT2_SPLIT),
+    "llama-bpe": (_LLAMA3_SPLIT,),
+    "llama3": (_LLAMA3_SPLIT,),
+    "llama-v3": (_LLAMA3_SPLIT,),
+}
+_IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3"})  # llama.cpp: a whole chunk in the vocab is kept
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """GPT-2's byte alphabet, char -> byte: printable Latin-1 bytes stand for themselves, the other 68 bytes
+    for the code points 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+BYTE_CHARS = _gpt2_byte_chars()
+
+
+def _gguf_list(metadata: dict[str, Any], key: str, kind: type, n: int | None = None) -> list[Any]:
+    values = metadata.get(key)
+    if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+        raise TokenizerError(f"{_GGUF}: {key} is missing or not a list of {kind.__name__}")
+    if n is not None and len(values) != n:
+        raise TokenizerError(f"{_GGUF}: {key} has {len(values)} entries, expected one per token ({n})")
+    return values
+
+
+def _gguf_token_id(metadata: dict[str, Any], key: str, n_tokens: int, default: int) -> int:
+    value = metadata.get(key, default)
+    if not isinstance(value, int) or not 0 <= value < n_tokens:
+        raise TokenizerError(f"{_GGUF}: {key} is {value!r}, expected a token id below {n_tokens}")
+    return value
+
+
+def _build_byte_level(tokens: list[str], types: list[int], merges: list[str], pre: str) -> tokenizers.Tokenizer:
+    """Byte-level BPE with llama.cpp's pre-tokenizer for `pre` (see the module docstring)."""
+    pairs = [tuple(m.split(" ")) for m in merges]
+    bad = next((m for m, pair in zip(merges, pairs) if len(pair) != 2), None)
+    if bad is not None:
+        raise TokenizerError(f"{_GGUF}: merge {bad!r} is not two tokens separated by one space")
+    vocab = {piece: i for i, piece in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise TokenizerError(f"{_GGUF}: some tokens appear twice in tokenizer.ggml.tokens")
+    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _IGNORE_MERGES))
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
+    tk.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                  use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                           for p, t in zip(tokens, types) if t in (UNKNOWN, CONTROL)])
+    tk.add_tokens([AddedToken(p, special=False, normalized=False)
+                   for p, t in zip(tokens, types) if t == USER_DEFINED])
+    return tk
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -238,7 +317,7 @@ def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
 
 
 class Tokenizer:
-    """Encode text to LLaMA token ids and decode ids back to text. Build with from_dir or from_sentencepiece."""
+    """Encode text to token ids and decode ids back to text. Build with from_dir, from_sentencepiece or from_gguf."""
 
     def __init__(self, tk: tokenizers.Tokenizer, bos_id: int, eos_id: int, add_bos_token: bool = True) -> None:
         self._tk = tk
@@ -248,6 +327,8 @@ class Tokenizer:
         self._special_ids = frozenset(i for i, t in tk.get_added_tokens_decoder().items() if t.special)
         # Whether decoding removes the dummy prefix, i.e. one leading space of the whole text.
         self.strips_leading_space = tk.decoder is not None and tk.decoder.decode([SPACE + "x"]) == "x"
+        # Byte-level BPE (GPT-2 style): every character of a piece stands for one byte.
+        self.byte_level = isinstance(tk.decoder, decoders.ByteLevel)
 
     @classmethod
     def from_sentencepiece(cls, path: str | Path) -> Tokenizer:
@@ -261,6 +342,35 @@ class Tokenizer:
             raise TokenizerError(f"{path}: not a valid SentencePiece model ({err})") from err
         _check_supported(sp, path)
         return cls(_build(sp), sp.bos_id, sp.eos_id)
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
+        """Build from a GGUF file's metadata: tokenizer.ggml.model "llama" (SentencePiece) or "gpt2" (byte-level
+        BPE, pre-tokenized per tokenizer.ggml.pre); BOS is added when tokenizer.ggml.add_bos_token says so."""
+        model = metadata.get("tokenizer.ggml.model")
+        if model not in ("llama", "gpt2"):
+            raise TokenizerError(f"{_GGUF}: tokenizer.ggml.model is {model!r}; tinyvlm reads 'llama' and 'gpt2'")
+        tokens = _gguf_list(metadata, "tokenizer.ggml.tokens", str)
+        n = len(tokens)
+        types = _gguf_list(metadata, "tokenizer.ggml.token_type", int, n)
+        bos = _gguf_token_id(metadata, "tokenizer.ggml.bos_token_id", n, 1)
+        eos = _gguf_token_id(metadata, "tokenizer.ggml.eos_token_id", n, 2)
+        if model == "llama":  # the SentencePiece path, with the settings llama.cpp assumes for it
+            scores = _gguf_list(metadata, "tokenizer.ggml.scores", float, n)
+            unk = _gguf_token_id(metadata, "tokenizer.ggml.unknown_token_id", n, 0)
+            dummy_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+            sp = SentencePieceModel(tokens, scores, types, model_type=BPE, byte_fallback=True, unk_id=unk,
+                                    bos_id=bos, eos_id=eos, add_dummy_prefix=dummy_prefix,
+                                    remove_extra_whitespaces=False, escape_whitespaces=True)
+            _check_supported(sp, _GGUF)
+            return cls(_build(sp), bos, eos, bool(metadata.get("tokenizer.ggml.add_bos_token", True)))
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZERS:
+            raise TokenizerError(f"{_GGUF}: tokenizer.ggml.pre {pre!r} is not supported "
+                                 f"(tinyvlm knows {', '.join(PRE_TOKENIZERS)})")
+        merges = _gguf_list(metadata, "tokenizer.ggml.merges", str)
+        tk = _build_byte_level(tokens, types, merges, pre)
+        return cls(tk, bos, eos, bool(metadata.get("tokenizer.ggml.add_bos_token", False)))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -317,6 +427,9 @@ class Tokenizer:
         if skip_special and token_id in self._special_ids:
             return b""
         piece = self.id_to_piece(token_id)
+        if self.byte_level:  # added tokens such as <|im_start|> are not spelled in bytes: their UTF-8 as is
+            spelled = all(c in BYTE_CHARS for c in piece)
+            return bytes(BYTE_CHARS[c] for c in piece) if spelled else piece.encode("utf-8")
         byte = _BYTE_PIECE.fullmatch(piece)
         return bytes([int(byte.group(1), 16)]) if byte else piece.replace(SPACE, " ").encode("utf-8")
 
@@ -340,18 +453,25 @@ class StreamDecoder:
         self._skip_special = skip_special
         self._pending = b""  # the first bytes of an unfinished UTF-8 character
         self._at_start = tokenizer.strips_leading_space
+        # Byte-level pieces may hold any run of bytes: decoded incrementally, as `decode` does for the whole.
+        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace") if tokenizer.byte_level else None
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (often "", e.g. inside a multi-byte character)."""
         data = self._tokenizer.token_bytes(token_id, self._skip_special)
         if not data:  # a skipped special token: decode drops it before joining byte pieces, so do we
             return ""
+        if self._bytes is not None:
+            return self._emit(self._bytes.decode(data))
         if len(data) == 1 and data[0] >= 0x80:  # a byte piece that may start or continue a character
             return self._emit(self._push_byte(data))
         return self._emit(self._drop_pending() + data.decode("utf-8"))
 
     def flush(self) -> str:
-        """Text still held back: an unfinished character at the end becomes one U+FFFD per byte."""
+        """Text still held back: an unfinished character at the end becomes one U+FFFD per byte
+        (one U+FFFD in all for a byte-level tokenizer, as its `decode` does)."""
+        if self._bytes is not None:
+            return self._emit(self._bytes.decode(b"", final=True))
         return self._emit(self._drop_pending())
 
     def _push_byte(self, byte: bytes) -> str:
