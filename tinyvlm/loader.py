@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tinyvlm.config import ModelConfig, VisionConfig, load_config, read_json, vision_config_from_dict
 from tinyvlm.errors import ModelNotFound, TinyVLMError, WeightsError
+from tinyvlm.gguf_loader import is_gguf, load_gguf
 from tinyvlm.hub import resolve_model
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.projector import build_projector, projector_expected_shapes
@@ -75,13 +76,17 @@ def load(
 ) -> VLM:
     """Load a MobileVLM (V1 or V2) or a text-only MobileLLaMA / LLaMA checkpoint.
 
-    `path_or_repo_id`: a directory, or an id such as `mtgv/MobileVLM_V2-1.7B` found in the Hugging Face cache.
+    `path_or_repo_id`: a directory, an id such as `mtgv/MobileVLM_V2-1.7B` found in the Hugging Face cache, or
+    an LLM GGUF file of llama.cpp (text only; tinyvlm.gguf_loader).
     `quant`: "int4" or "int8" quantizes the LLM's linear layers while loading (tinyvlm.quantize); a file written
     by `python -m tinyvlm quantize` is already quantized and loads by memory map.
     `vision_tower`: a CLIP directory or id to use instead of the one the config names.
     `progress`: True for a console bar on stderr, or a callback(done, total).
     """
     check_quant(quant)
+    report: Progress | None = console_progress if progress is True else (progress or None)
+    if is_gguf(path_or_repo_id):
+        return load_gguf(path_or_repo_id, quant=quant, progress=report)
     model_dir = resolve_model(path_or_repo_id)
     cfg = load_config(model_dir)
     store = open_checkpoint(model_dir)
@@ -121,7 +126,6 @@ def load(
     vision_names = vision_needed_names(vision_cfg) if vision_cfg is not None else set()
     proj_names = set(projector_expected_shapes(cfg.projector)) if cfg.projector is not None else set()
     total = len(lang_names) + len(vision_names) + len(proj_names)
-    report: Progress | None = console_progress if progress is True else (progress or None)
     done = 0
 
     def tick() -> None:

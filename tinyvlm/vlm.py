@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from tinyvlm.cache import KVCache
+from tinyvlm.chat_template import VICUNA_V1, render
 from tinyvlm.config import ModelConfig, VisionConfig
 from tinyvlm.errors import PromptError, TinyVLMError
 from tinyvlm.generate import GenerationConfig, generate_tokens
@@ -99,6 +100,7 @@ class VLM:
         self.vision_config = vision_config
         self.path = path
         self.stats = Stats()
+        self.template = VICUNA_V1  # chat template kind (tinyvlm.chat_template)
         self.quant: str | None = None  # "int4" / "int8" when the LLM's linear layers are quantized
         self.quant_report: Any = None  # tinyvlm.quantize.QuantReport when quantized at load
 
@@ -140,7 +142,19 @@ class VLM:
     def prompt_ids(self, prompt: str, image: bool = True, system: str | None = None) -> list[int]:
         """The full templated prompt as ids, with -200 where the image goes (never for a text-only model)."""
         with_image = image and self.vision is not None
-        return tokenize_with_images(self.tokenizer, first_turn(prompt, image=with_image, system=system))
+        return tokenize_with_images(self.tokenizer, self.first_turn_text(prompt, with_image, system))
+
+    def first_turn_text(self, question: str, image: bool, system: str | None) -> str:
+        """The first turn in this model's chat template (MobileVLM's v1 unless a GGUF file names another)."""
+        if self.template == VICUNA_V1:
+            return first_turn(question, image=image, system=system)
+        return render(self.template, system, [(question, None)])
+
+    def next_turn_text(self, question: str) -> str:
+        """A later turn, to follow the previous answer and its end-of-turn token."""
+        if self.template == VICUNA_V1:
+            return next_turn(question)
+        return "\n" + render(self.template, None, [(question, None)])
 
     def embed(self, ids: Sequence[int], images: Sequence[np.ndarray] = ()) -> np.ndarray:
         """Ids with -200 placeholders -> (T', D) embeddings, each placeholder replaced by one image's (N, D)."""
@@ -243,14 +257,14 @@ class Chat:
         tok = self.vlm.tokenizer
         if not self.history:
             with_image = self.image_features is not None
-            ids = tokenize_with_images(tok, first_turn(question, image=with_image, system=self.system))
+            ids = tokenize_with_images(tok, self.vlm.first_turn_text(question, with_image, self.system))
             images = [self.image_features] if with_image and count_images(ids) else []
             if count_images(ids) > len(images):
                 raise PromptError("the question has an <image> placeholder but the chat has no image")
             return ids, images  # type: ignore[return-value]
         if "<image>" in question:
             raise PromptError("an <image> placeholder is only allowed in the first turn")
-        return tok.encode(next_turn(question), add_bos=False), []
+        return tok.encode(self.vlm.next_turn_text(question), add_bos=False), []
 
     def send(
         self,
