@@ -47,14 +47,26 @@ def quantized(checkpoints):
 def test_quantized_path_equals_float32_on_dequantized_weights(name, quant, checkpoints, quantized):
     vlm = quantized[(name, quant)]
     lang = vlm.language
+    cfg = lang.cfg
+    q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     weights = {"model.embed_tokens.weight": lang.embed_tokens, "model.norm.weight": lang.norm,
                "lm_head.weight": dequantize(lang.lm_head)}
     for i, layer in enumerate(lang.layers):
-        for part, value in vars(layer).items():
-            group = "mlp" if part.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
-            key = f"model.layers.{i}.{part}.weight" if "layernorm" in part else f"model.layers.{i}.{group}.{part}.weight"
-            weights[key] = dequantize(value) if isinstance(value, QuantizedMatrix) else value
-    assert isinstance(lang.layers[0].q_proj, QuantizedMatrix) and isinstance(lang.lm_head, QuantizedMatrix)
+        assert len(layer.qkv) == 1 and len(layer.gate_up) == 1  # quantized alike: stacked (backend.fuse)
+        qkv, gate_up = dequantize(layer.qkv[0]), dequantize(layer.gate_up[0])
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "input_layernorm.weight": layer.input_layernorm,
+            p + "post_attention_layernorm.weight": layer.post_attention_layernorm,
+            p + "self_attn.q_proj.weight": qkv[:q_rows],
+            p + "self_attn.k_proj.weight": qkv[q_rows:q_rows + kv_rows],
+            p + "self_attn.v_proj.weight": qkv[q_rows + kv_rows:],
+            p + "self_attn.o_proj.weight": dequantize(layer.o_proj),
+            p + "mlp.gate_proj.weight": gate_up[:cfg.intermediate_size],
+            p + "mlp.up_proj.weight": gate_up[cfg.intermediate_size:],
+            p + "mlp.down_proj.weight": dequantize(layer.down_proj),
+        })
+    assert isinstance(lang.layers[0].o_proj, QuantizedMatrix) and isinstance(lang.lm_head, QuantizedMatrix)
     reference = LanguageModel(lang.cfg, weights)
     ids = vlm.prompt_ids(QUESTION)
     images = [vlm.encode_image(IMAGE)] if vlm.vision is not None else []
@@ -117,7 +129,7 @@ def saved(checkpoints, tmp_path_factory):
 def test_file_round_trip_by_memory_map(saved, quantized):
     vlm = tinyvlm.load(saved)
     assert vlm.quant == "int4"
-    qs = vlm.language.layers[0].q_proj.qs
+    qs = vlm.language.layers[0].o_proj.qs
     base = qs
     while getattr(base, "base", None) is not None:
         base = base.base

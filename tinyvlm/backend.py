@@ -63,3 +63,23 @@ def linear(x: np.ndarray, w: np.ndarray | QuantizedMatrix) -> np.ndarray:
 
         return quant_numba.linear(x, w)
     return quant.matvec_ref(w, x) if x.ndim == 1 else quant.matmul_ref(x, w)
+
+
+def fuse(parts: list[np.ndarray | QuantizedMatrix]) -> list[np.ndarray | QuantizedMatrix]:
+    """Matrices that read the same input (q, k, v; gate, up), stacked into one when they are quantized alike.
+
+    One kernel call then reads x once and pays one thread launch instead of several (decode is dominated by
+    such overheads on small models). Dense matrices stay separate: BLAS gains nothing, and stacking would copy
+    memory-mapped weights into RAM.
+    """
+    if all(isinstance(p, QuantizedMatrix) for p in parts) and len({(p.kind, p.shape[1]) for p in parts}) == 1:
+        return [quant.concat_rows(parts)]  # type: ignore[arg-type]
+    return list(parts)
+
+
+def linear_split(x: np.ndarray, fused: list[np.ndarray | QuantizedMatrix], sizes: list[int]) -> list[np.ndarray]:
+    """linear(x, w) for each of the matrices `fuse` was given, whose output sizes are `sizes`."""
+    if len(fused) == len(sizes):
+        return [linear(x, w) for w in fused]
+    y = linear(x, fused[0])  # (..., sum(sizes))
+    return np.split(y, np.cumsum(sizes)[:-1], axis=-1)

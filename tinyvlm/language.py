@@ -15,7 +15,7 @@ import numpy as np
 from tinyvlm.cache import KVCache
 from tinyvlm.config import TextConfig
 from tinyvlm.errors import PromptError, WeightsError
-from tinyvlm.backend import linear
+from tinyvlm.backend import fuse, linear, linear_split
 from tinyvlm.kernels import apply_rope, rms_norm, rope_tables, silu, softmax
 from tinyvlm.kernels.quant import QuantizedMatrix
 
@@ -52,13 +52,10 @@ class _Layer:
     """One decoder block's weights, named as in the checkpoint (`model.layers.{i}.<part>.<name>.weight`)."""
 
     input_layernorm: np.ndarray  # (D,)
-    q_proj: Weight  # (Hq*Dh, D)
-    k_proj: Weight  # (Hkv*Dh, D)
-    v_proj: Weight  # (Hkv*Dh, D)
+    qkv: list[Weight]  # q_proj (Hq*Dh, D), k_proj and v_proj (Hkv*Dh, D), stacked when quantized (backend.fuse)
     o_proj: Weight  # (D, Hq*Dh)
     post_attention_layernorm: np.ndarray  # (D,)
-    gate_proj: Weight  # (F, D)
-    up_proj: Weight  # (F, D)
+    gate_up: list[Weight]  # gate_proj and up_proj (F, D), stacked when quantized
     down_proj: Weight  # (D, F)
 
 
@@ -73,13 +70,10 @@ def _load_layer(weights: Mapping[str, Weight], i: int) -> _Layer:
     p = f"model.layers.{i}."
     return _Layer(
         input_layernorm=_float32(weights, p + "input_layernorm.weight"),
-        q_proj=_float32(weights, p + "self_attn.q_proj.weight"),
-        k_proj=_float32(weights, p + "self_attn.k_proj.weight"),
-        v_proj=_float32(weights, p + "self_attn.v_proj.weight"),
+        qkv=fuse([_float32(weights, p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
         o_proj=_float32(weights, p + "self_attn.o_proj.weight"),
         post_attention_layernorm=_float32(weights, p + "post_attention_layernorm.weight"),
-        gate_proj=_float32(weights, p + "mlp.gate_proj.weight"),
-        up_proj=_float32(weights, p + "mlp.up_proj.weight"),
+        gate_up=fuse([_float32(weights, p + "mlp.gate_proj.weight"), _float32(weights, p + "mlp.up_proj.weight")]),
         down_proj=_float32(weights, p + "mlp.down_proj.weight"),
     )
 
@@ -88,7 +82,9 @@ def _load_layer(weights: Mapping[str, Weight], i: int) -> _Layer:
 
 def _mlp(layer: _Layer, x: np.ndarray) -> np.ndarray:
     """SwiGLU: down(silu(gate(x)) * up(x)); (T, D) -> (T, D)."""
-    hidden = silu(linear(x, layer.gate_proj)) * linear(x, layer.up_proj)  # (T, D) -> (T, F)
+    F = layer.down_proj.shape[1]
+    gate, up = linear_split(x, layer.gate_up, [F, F])  # (T, D) -> (T, F) each
+    hidden = silu(gate) * up  # (T, F)
     return linear(hidden, layer.down_proj)  # (T, F) -> (T, D)
 
 
@@ -179,9 +175,10 @@ class LanguageModel:
         cfg = self.cfg
         T, Hq, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         group = Hq // Hkv  # query heads per kv head
-        q = linear(x, layer.q_proj).reshape(T, Hq, Dh).transpose(1, 0, 2)  # (T, D) -> (Hq, T, Dh)
-        k = linear(x, layer.k_proj).reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, D) -> (Hkv, T, Dh)
-        v = linear(x, layer.v_proj).reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, D) -> (Hkv, T, Dh)
+        q, k, v = linear_split(x, layer.qkv, [Hq * Dh, Hkv * Dh, Hkv * Dh])  # (T, D) -> (T, H*Dh) each
+        q = q.reshape(T, Hq, Dh).transpose(1, 0, 2)  # (T, Hq*Dh) -> (Hq, T, Dh)
+        k = k.reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, Hkv*Dh) -> (Hkv, T, Dh)
+        v = v.reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, Hkv*Dh) -> (Hkv, T, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(i, k, v)
         keys, values = cache.keys(i), cache.values(i)  # (Hkv, S, Dh) views, S = pos+T

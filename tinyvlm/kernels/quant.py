@@ -188,3 +188,13 @@ def matvec_ref(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
 def matmul_ref(x: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
     """y = x W'^T with W' = dequantize(qm): x (T, in) -> (T, out), float32."""
     return np.asarray(x, dtype=np.float32) @ dequantize(qm).T  # (T, in) -> (T, out)
+
+
+def concat_rows(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
+    """Stack quantized matrices of one kind and width along their rows: [(o1, in), (o2, in)] -> (o1+o2, in)."""
+    kind, n_in = parts[0].kind, parts[0].shape[1]
+    if any(p.kind != kind or p.shape[1] != n_in for p in parts):
+        raise ValueError("concat_rows needs matrices of one kind and one input width")
+    m = None if parts[0].m is None else np.concatenate([p.m for p in parts])  # type: ignore[misc]
+    return QuantizedMatrix(kind, (sum(p.shape[0] for p in parts), n_in),
+                           np.concatenate([p.qs for p in parts]), np.concatenate([p.d for p in parts]), m)
