@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import random_weights
 from tinyvlm.config import ModelConfig, ProjectorConfig, TextConfig, VisionConfig
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.projector import build_projector, projector_expected_shapes
@@ -29,16 +30,6 @@ TEXT = TextConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16
                   intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
 VISION = VisionConfig()
 PROJECTOR = ProjectorConfig("ldpnetv2", 1024, 2048)
-
-
-def random_weights(shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    out = {}
-    for name, shape in shapes.items():
-        if "norm" in name and name.endswith("weight"):
-            out[name] = np.ones(shape, np.float32)
-        else:
-            out[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-    return out
 
 
 def build() -> VLM:
