@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", help="model directory or Hugging Face id (default: $TINYVLM_MODEL, "
                       "else the first MobileVLM in the Hugging Face cache)")
     chat.add_argument("--vision-tower", help="CLIP directory or id to use instead of the one the config names")
+    chat.add_argument("--mmproj", help="llama.cpp's image encoder GGUF, with an LLM .gguf as --model")
     chat.add_argument("-p", "--prompt", help="answer this question once and exit")
     chat.add_argument("--system", help="system prompt (default: the MobileVLM v1 one)")
     chat.add_argument("--max-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="default %(default)s")
@@ -110,7 +111,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         from tinyvlm.backend import set_threads
 
         set_threads(args.threads)
-    vlm = load(args.model or _default_model(), quant=args.quant, vision_tower=args.vision_tower, progress=True)
+    vlm = load(args.model or _default_model(), quant=args.quant, vision_tower=args.vision_tower, progress=True,
+               mmproj=args.mmproj)
     if vlm.quant_report is not None:
         print(f"quantized {vlm.quant_report}", file=sys.stderr)
     if image is not None and vlm.vision is None:

@@ -5,6 +5,9 @@ K-quants (Q4_K, Q5_K, Q6_K) are dequantized and requantized to Q8_0, which keeps
 tinyvlm/weights/gguf_quants.py); F32 / F16 / BF16 become float32. The q and k rows that llama.cpp's converter
 permuted are put back in Hugging Face order (a row permutation, so quantized blocks move whole). A tied model
 (no output.weight) uses the embedding table as its head, kept quantized for the matvec and float for lookups.
+
+With `mmproj`, llama.cpp's MobileVLM image encoder file (tinyvlm.mmproj) adds the CLIP tower and the LDP / LDPv2
+projector. MobileVLM LLM files carry no chat template, so they keep MobileVLM's v1 template.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from tinyvlm.config import ModelConfig
 from tinyvlm.errors import WeightsError
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, quantize
 from tinyvlm.language import LanguageModel, language_expected_shapes
+from tinyvlm.mmproj import read_mmproj
 from tinyvlm.quantize import check_quant
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vlm import VLM
@@ -55,14 +59,15 @@ def _matrix(tensor: GGUFTensor, quant: str | None) -> np.ndarray | QuantizedMatr
 
 
 def load_gguf(path: str | Path, *, quant: str | None = None,
-              progress: Callable[[int, int], None] | None = None) -> VLM:
-    """A text-only VLM from an LLM GGUF file (llama architecture)."""
+              progress: Callable[[int, int], None] | None = None, mmproj: str | Path | None = None) -> VLM:
+    """A VLM from an LLM GGUF file (llama architecture): text-only, or with the image side of an mmproj file."""
     check_quant(quant)
     path = Path(path)
     f = read_gguf(path)
     cfg = text_config_from_gguf(f.metadata, f.tensors)
     tokenizer = Tokenizer.from_gguf(f.metadata)
     expected = language_expected_shapes(cfg)
+    mm = None if mmproj is None else read_mmproj(mmproj, cfg.hidden_size)  # before the LLM: fails fast
     weights: dict[str, np.ndarray | QuantizedMatrix] = {}
     unknown = []
     for done, (name, tensor) in enumerate(f.tensors.items(), 1):
@@ -98,7 +103,12 @@ def load_gguf(path: str | Path, *, quant: str | None = None,
         raise WeightsError(f"{path}: the tensors do not match the config; missing: {', '.join(missing) or 'none'}; "
                            f"wrong shape: {', '.join(problems) or 'none'}")
     language = LanguageModel(cfg, weights)
-    vlm = VLM(ModelConfig(text=cfg, raw=dict(f.metadata)), tokenizer, language, path=path)
+    if mm is None:
+        vlm = VLM(ModelConfig(text=cfg, raw=dict(f.metadata)), tokenizer, language, path=path)
+    else:
+        model_cfg = ModelConfig(text=cfg, vision=mm.vision_config, projector=mm.projector_config,
+                                raw=dict(f.metadata))
+        vlm = VLM(model_cfg, tokenizer, language, mm.vision, mm.projector, mm.vision_config, path=path)
     vlm.template = detect(f.metadata.get("tokenizer.chat_template"))
     kinds = {t.type_name for t in f.tensors.values() if len(t.shape) == 2}
     vlm.quant = quant or "/".join(sorted(k for k in kinds if k not in FLOAT_TYPES)) or None

@@ -73,6 +73,7 @@ def load(
     quant: str | None = None,
     vision_tower: str | Path | None = None,
     progress: Progress | bool | None = None,
+    mmproj: str | Path | None = None,
 ) -> VLM:
     """Load a MobileVLM (V1 or V2) or a text-only MobileLLaMA / LLaMA checkpoint.
 
@@ -82,11 +83,15 @@ def load(
     by `python -m tinyvlm quantize` is already quantized and loads by memory map.
     `vision_tower`: a CLIP directory or id to use instead of the one the config names.
     `progress`: True for a console bar on stderr, or a callback(done, total).
+    `mmproj`: with an LLM GGUF file, llama.cpp's image encoder file of the same model (tinyvlm.mmproj).
     """
     check_quant(quant)
     report: Progress | None = console_progress if progress is True else (progress or None)
     if is_gguf(path_or_repo_id):
-        return load_gguf(path_or_repo_id, quant=quant, progress=report)
+        return load_gguf(path_or_repo_id, quant=quant, progress=report, mmproj=mmproj)
+    if mmproj is not None:
+        raise TinyVLMError(f"{path_or_repo_id}: not an LLM GGUF file; mmproj={mmproj} goes only with one "
+                           "(llama.cpp's pair: LLM .gguf + mmproj .gguf)")
     model_dir = resolve_model(path_or_repo_id)
     cfg = load_config(model_dir)
     store = open_checkpoint(model_dir)
