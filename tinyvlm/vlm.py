@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from tinyvlm.cache import KVCache
 from tinyvlm.chat_template import VICUNA_V1, render
@@ -31,8 +30,6 @@ from tinyvlm.prompt import (
 )
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower
-
-ImageLike = "str | Path | Image.Image | np.ndarray"
 
 
 @dataclass
