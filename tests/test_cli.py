@@ -220,3 +220,12 @@ def test_quantize_then_chat(checkpoints, shared_data, tmp_path):
     again = run_cli("quantize", str(checkpoints["v2"].path), str(out), "--quant", "int4")
     assert_one_line_error(again, "already exists")
     assert not (tmp_path / "v2-int4.partial").exists()
+
+
+def test_inspect_gguf():
+    from tests.conftest import smollm2_path
+
+    proc = run_cli("inspect", str(smollm2_path()))
+    assert proc.returncode == 0, proc.stderr
+    assert "general.architecture = 'llama'" in proc.stdout
+    assert "blk.0.attn_q.weight" in proc.stdout and "Q4_1" in proc.stdout and "[576, 576]" in proc.stdout

@@ -158,15 +158,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_gguf(path: object) -> int:
+    """A GGUF file's metadata (long arrays summarised) and its tensors as stored (ggml type, our shape order)."""
+    from tinyvlm.weights.gguf import read_gguf
+
+    f = read_gguf(path)  # type: ignore[arg-type]
+    print(f"GGUF v{f.version}, {len(f.metadata)} metadata keys, {len(f.tensors)} tensors")
+    for key, value in f.metadata.items():
+        shown = f"[{len(value)} values]" if isinstance(value, list) and len(value) > 8 else repr(value)
+        print(f"{key} = {shown[:200]}")
+    width = max((len(n) for n in f.tensors), default=4)
+    for name, t in f.tensors.items():
+        print(f"{name:<{width}}  {t.type_name:<5}  {list(t.shape)}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from tinyvlm.config import read_json
+    from tinyvlm.gguf_loader import is_gguf
     from tinyvlm.hub import resolve_model
     from tinyvlm.weights import open_checkpoint, open_file
 
     path = Path(args.path)
+    if is_gguf(path):
+        return _inspect_gguf(path)
     if path.is_file():
         store = open_file(path)
     else:
