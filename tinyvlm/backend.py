@@ -2,7 +2,8 @@
 
 Model code calls `linear` and never checks weight types (style.md (b) 10). Backends:
     "numpy"  NumPy references everywhere (tinyvlm/kernels/quant.py for quantized weights)
-    "numba"  the Numba kernels in tinyvlm/kernels/quant_numba.py for quantized weights
+    "numba"  the Numba kernels in tinyvlm/kernels/quant_numba.py for quantized weights, and those in
+             tinyvlm/kernels/ops_numba.py for the per-token ops of decode (rms_norm, apply_rope)
 The default is "numba" when numba can be imported, else "numpy"; the environment variable
 TINYVLM_BACKEND overrides the default, set_backend overrides both. numba is imported on the first
 call that needs it, never at import time, so `python -m tinyvlm --help` does not load it.
@@ -15,7 +16,7 @@ import os
 import numpy as np
 
 from tinyvlm.errors import TinyVLMError
-from tinyvlm.kernels import _numba, quant
+from tinyvlm.kernels import _numba, norm, quant, rope
 from tinyvlm.kernels.quant import QuantizedMatrix
 
 BACKENDS = ("numpy", "numba")
@@ -83,3 +84,21 @@ def linear_split(x: np.ndarray, fused: list[np.ndarray | QuantizedMatrix], sizes
         return [linear(x, w) for w in fused]
     y = linear(x, fused[0])  # (..., sum(sizes))
     return np.split(y, np.cumsum(sizes)[:-1], axis=-1)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis of float32 x (..., D) (reference: kernels/norm.py)."""
+    if get_backend() == "numba":
+        from tinyvlm.kernels import ops_numba
+
+        return ops_numba.rms_norm(x, weight, eps)
+    return norm.rms_norm(x, weight, eps)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of x (H, T, Dh) with cos/sin (T, Dh/2) (reference: kernels/rope.py)."""
+    if get_backend() == "numba":
+        from tinyvlm.kernels import ops_numba
+
+        return ops_numba.apply_rope(x, cos, sin)
+    return rope.apply_rope(x, cos, sin)

@@ -15,6 +15,7 @@ import numpy as np
 from tinyvlm.cache import KVCache
 from tinyvlm.config import TextConfig
 from tinyvlm.errors import PromptError, WeightsError
+from tinyvlm import backend
 from tinyvlm.backend import fuse, linear, linear_split
 from tinyvlm.kernels import apply_rope, rms_norm, rope_tables, silu, softmax
 from tinyvlm.kernels.quant import QuantizedMatrix
@@ -158,15 +159,17 @@ class LanguageModel:
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # (T, Dh/2) each
         # Query t (position pos+t) may see keys 0 .. pos+t: -inf above that diagonal.
         mask = np.triu(np.full((T, pos + T), -np.inf, dtype=np.float32), k=pos + 1) if T > 1 else None  # (T, S)
+        # For one token NumPy's per-call overhead dominates the small ops; the backend's kernels avoid it.
+        norm = backend.rms_norm if T == 1 else rms_norm
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps)
+            h = norm(x, layer.input_layernorm, cfg.rms_norm_eps)
             x = x + self._attention(i, layer, h, cache, cos, sin, mask)
-            h = rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps)
+            h = norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps)
             x = x + _mlp(layer, h)
         cache.advance(T)
         if not all_logits:
             x = x[-1:]  # (T, D) -> (1, D): only the last position's logits are needed
-        logits = linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)  # (T, D) -> (T, V)
+        logits = linear(norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)  # (T, D) -> (T, V)
         return logits if all_logits else logits[0]
 
     def _attention(self, i: int, layer: _Layer, x: np.ndarray, cache: KVCache, cos: np.ndarray,
@@ -179,7 +182,8 @@ class LanguageModel:
         q = q.reshape(T, Hq, Dh).transpose(1, 0, 2)  # (T, Hq*Dh) -> (Hq, T, Dh)
         k = k.reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, Hkv*Dh) -> (Hkv, T, Dh)
         v = v.reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, Hkv*Dh) -> (Hkv, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rotate = backend.apply_rope if T == 1 else apply_rope
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         cache.write(i, k, v)
         keys, values = cache.keys(i), cache.values(i)  # (Hkv, S, Dh) views, S = pos+T
         # Query heads j*group .. j*group+group-1 share kv head j: stack them so one batched matmul per kv
