@@ -32,6 +32,9 @@ from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower
 
 
+_DEFAULTS = GenerationConfig()  # the one place generation defaults live (the CLI reads them too)
+
+
 @dataclass
 class Stats:
     """Timings of the last call, for `--verbose` and the benchmarks."""
@@ -196,12 +199,12 @@ class VLM:
         prompt: str,
         image: Any = None,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
+        max_new_tokens: int = _DEFAULTS.max_new_tokens,
+        temperature: float = _DEFAULTS.temperature,
+        top_p: float = _DEFAULTS.top_p,
+        top_k: int = _DEFAULTS.top_k,
+        repetition_penalty: float = _DEFAULTS.repetition_penalty,
+        seed: int | None = _DEFAULTS.seed,
         stream: bool = False,
         system: str | None = None,
         stop: Sequence[str] = (),
@@ -268,12 +271,12 @@ class Chat:
         question: str,
         stream: bool = False,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
+        max_new_tokens: int = _DEFAULTS.max_new_tokens,
+        temperature: float = _DEFAULTS.temperature,
+        top_p: float = _DEFAULTS.top_p,
+        top_k: int = _DEFAULTS.top_k,
+        repetition_penalty: float = _DEFAULTS.repetition_penalty,
+        seed: int | None = _DEFAULTS.seed,
         stop: Sequence[str] = (),
     ) -> str | Iterator[str]:
         cfg = GenerationConfig(
