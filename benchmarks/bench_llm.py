@@ -52,7 +52,7 @@ class TinyVLM:
         self.cache = self.lm.new_cache()
 
     def prefill(self, ids: list[int]) -> int:
-        self.cache = self.lm.new_cache()
+        self.cache.reset()  # allocated once, as Chat does and as llama.cpp's context is (llm.reset() below)
         return int(np.argmax(self.lm.forward(self.lm.embed(ids), self.cache)))
 
     def step(self, token: int) -> int:

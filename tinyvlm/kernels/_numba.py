@@ -9,11 +9,18 @@ Sleeping at once (PASSIVE) costs a wake-up per kernel call, which dominates deco
 spinning without limit starves OpenBLAS's threads in the matmuls that follow. SmolLM2-135M Q4_1 on the
 2-core reference VM, 2 threads, prefill / decode tokens/s: passive 441 / 42, unlimited spin 161 / 64,
 spin count 30000 398 / 63, 300000 411 / 61.
+
+On x86-64 CPUs with AVX-512, LLVM's tuning for Intel server cores ("prefer-256-bit") vectorizes with
+256-bit registers only; numba is told to use the full 512 bits (NUMBA_CPU_FEATURES = the host's
+features + "-prefer-256-bit"), unless the user set NUMBA_CPU_FEATURES or NUMBA_CPU_NAME. On the
+reference VM (Sapphire Rapids class) this made the q4 decode matvec over MobileLLaMA-1.4B's matrices
+about 14% faster (13.0 -> 14.9 GB/s). Other CPUs (ARM64, AVX2-only x86) are left alone.
 """
 from __future__ import annotations
 
 import functools
 import os
+import platform
 from types import ModuleType
 
 from tinyvlm.errors import TinyVLMError
@@ -25,11 +32,28 @@ def _import() -> tuple[ModuleType | None, str]:
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read by libgomp at load
         os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
         os.environ["GOMP_SPINCOUNT"] = "100000"
+    _prefer_512_bit_vectors()
     try:
         import numba
     except Exception as e:  # ImportError, or a broken install (e.g. numba built for another numpy)
         return None, f"numba could not be imported ({type(e).__name__}: {e})"
     return numba, ""
+
+
+def _prefer_512_bit_vectors() -> None:
+    """Set NUMBA_CPU_FEATURES to the host's features without "prefer-256-bit" on AVX-512 x86-64 (see above)."""
+    if "NUMBA_CPU_FEATURES" in os.environ or "NUMBA_CPU_NAME" in os.environ:
+        return
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    try:
+        import llvmlite.binding as llvm  # numba's own dependency; importing it does not load numba
+
+        features = llvm.get_host_cpu_features()
+    except Exception:  # no llvmlite, or LLVM cannot read the host: numba will report its own problem
+        return
+    if features.get("avx512f"):
+        os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + ",-prefer-256-bit"
 
 
 def available() -> bool:
