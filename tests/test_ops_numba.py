@@ -4,6 +4,8 @@ agreement on a whole decoder.
 Tolerances (float32; measured maxima on these cases were ~1e-6 relative or below):
   rms_norm          rtol 1e-5 + atol 1e-6 * max|weight|   (a sum of squares in a different order)
   apply_rope        rtol 1e-6, atol 1e-6 * max|x|            (the same two products per element; contraction)
+  decode_attention  atol 2e-6 * max|v|                       (a convex combination of v's rows, summed in
+                                                              another order; measured <= 4e-7)
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from tinyvlm import backend
 from tinyvlm.config import TextConfig
-from tinyvlm.kernels import norm, ops_numba, rope
+from tinyvlm.kernels import attention, norm, ops_numba, rope
 from tinyvlm.language import LanguageModel, language_expected_shapes
 
 SETTINGS = settings(derandomize=True, deadline=None, max_examples=25)
@@ -46,6 +48,23 @@ def test_apply_rope_matches_reference(heads: int, steps: int, half: int, pos: in
     x = rand(rng, (steps, heads, 2 * half)).transpose(1, 0, 2)  # non-contiguous (H, T, Dh), as in the model
     got, ref = ops_numba.apply_rope(x, cos, sin), rope.apply_rope(x, cos, sin)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(x).max())
+
+
+@SETTINGS
+@given(kv=st.integers(1, 3), group=st.integers(1, 4), length=st.integers(1, 70), spare=st.integers(0, 5),
+       dim=st.integers(1, 80), scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 2**16))
+def test_decode_attention_matches_reference(kv: int, group: int, length: int, spare: int, dim: int, scale: float,
+                                            seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    keys, values = rand(rng, (kv, length + spare, dim), scale), rand(rng, (kv, length + spare, dim))
+    keys[:, length:] = np.nan  # positions past `length` must never be read
+    q = rand(rng, (kv * group, 2 * dim))[:, ::2]  # non-contiguous (Hq, Dh)
+    got = ops_numba.decode_attention(q, keys, values, length, dim ** -0.5)
+    ref = attention.grouped_attention(q[:, None], keys[:, :length], values[:, :length], dim ** -0.5)[:, 0]
+    assert got.shape == (kv * group, dim) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(values).max())
+    # Extreme scores (scale 30: |q.k| * scale in the hundreds) must not overflow: the max is subtracted first.
+    assert np.all(np.isfinite(got))
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 Model code calls `linear` and never checks weight types (style.md (b) 10). Backends:
     "numpy"  NumPy references everywhere (tinyvlm/kernels/quant.py for quantized weights)
     "numba"  the Numba kernels in tinyvlm/kernels/quant_numba.py for quantized weights, and those in
-             tinyvlm/kernels/ops_numba.py for the per-token ops of decode (rms_norm, apply_rope)
+             tinyvlm/kernels/ops_numba.py for the per-token ops of decode (rms_norm, apply_rope,
+             decode_attention)
 The default is "numba" when numba can be imported, else "numpy"; the environment variable
 TINYVLM_BACKEND overrides the default, set_backend overrides both. numba is imported on the first
 call that needs it, never at import time, so `python -m tinyvlm --help` does not load it.
@@ -16,7 +17,7 @@ import os
 import numpy as np
 
 from tinyvlm.errors import TinyVLMError
-from tinyvlm.kernels import _numba, norm, quant, rope
+from tinyvlm.kernels import _numba, attention, norm, quant, rope
 from tinyvlm.kernels.quant import QuantizedMatrix
 
 BACKENDS = ("numpy", "numba")
@@ -102,3 +103,13 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
         return ops_numba.apply_rope(x, cos, sin)
     return rope.apply_rope(x, cos, sin)
+
+
+def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, scale: float) -> np.ndarray:
+    """One query's attention over a layer's cache: q (Hq, Dh); keys, values (Hkv, S_max, Dh), of which the
+    first `length` positions count. Returns (Hq, Dh) (reference: kernels/attention.py)."""
+    if get_backend() == "numba":
+        from tinyvlm.kernels import ops_numba
+
+        return ops_numba.decode_attention(q, keys, values, length, scale)
+    return attention.grouped_attention(q[:, None], keys[:, :length], values[:, :length], scale)[:, 0]

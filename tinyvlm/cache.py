@@ -51,6 +51,11 @@ class KVCache:
         """View of this layer's values up to the end of the chunk being written: (Hkv, pos+T, Dh)."""
         return self.v[layer, :, :self._end]
 
+    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """This layer's whole key and value arrays (Hkv, max_len, Dh), contiguous, and how many positions
+        count (pos+T): for kernels that want contiguous memory rather than the strided views above."""
+        return self.k[layer], self.v[layer], self._end
+
     def advance(self, n: int) -> None:
         """Commit the chunk just written: the next forward pass starts at position pos + n."""
         self.pos += n

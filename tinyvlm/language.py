@@ -17,7 +17,7 @@ from tinyvlm.config import TextConfig
 from tinyvlm.errors import PromptError, WeightsError
 from tinyvlm import backend
 from tinyvlm.backend import fuse, linear, linear_split
-from tinyvlm.kernels import apply_rope, rms_norm, rope_tables, silu, softmax
+from tinyvlm.kernels import apply_rope, grouped_attention, rms_norm, rope_tables, silu
 from tinyvlm.kernels.quant import QuantizedMatrix
 
 Weight = np.ndarray | QuantizedMatrix  # a linear layer's (out, in) matrix, dense or quantized
@@ -177,7 +177,6 @@ class LanguageModel:
         """Grouped-query self-attention of a (T, D) chunk over the cache of layer i; returns (T, D)."""
         cfg = self.cfg
         T, Hq, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        group = Hq // Hkv  # query heads per kv head
         q, k, v = linear_split(x, layer.qkv, [Hq * Dh, Hkv * Dh, Hkv * Dh])  # (T, D) -> (T, H*Dh) each
         q = q.reshape(T, Hq, Dh).transpose(1, 0, 2)  # (T, Hq*Dh) -> (Hq, T, Dh)
         k = k.reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, Hkv*Dh) -> (Hkv, T, Dh)
@@ -185,15 +184,10 @@ class LanguageModel:
         rotate = backend.apply_rope if T == 1 else apply_rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         cache.write(i, k, v)
-        keys, values = cache.keys(i), cache.values(i)  # (Hkv, S, Dh) views, S = pos+T
-        # Query heads j*group .. j*group+group-1 share kv head j: stack them so one batched matmul per kv
-        # head covers the whole group, with no copy of the cache.
-        q = q.reshape(Hkv, group * T, Dh)  # (Hq, T, Dh) -> (Hkv, group*T, Dh)
-        scores = (q @ keys.transpose(0, 2, 1)) * np.float32(Dh ** -0.5)  # (Hkv, group*T, S)
-        if mask is not None:
-            per_query = scores.reshape(Hkv, group, T, -1)  # a view of scores: (Hkv, group, T, S)
-            per_query += mask  # (T, S) broadcasts over all heads
-        probs = softmax(scores, out=scores)  # in place: no second (Hkv, group*T, S) buffer
-        out = probs @ values  # (Hkv, group*T, S) @ (Hkv, S, Dh) -> (Hkv, group*T, Dh)
+        scale = Dh ** -0.5
+        if T == 1:  # one query: the backend's kernel reads the cache in place
+            out = backend.decode_attention(q[:, 0], *cache.layer(i), scale)  # (Hq, Dh)
+        else:
+            out = grouped_attention(q, cache.keys(i), cache.values(i), scale, mask)  # (Hq, T, Dh), over S = pos+T keys
         out = out.reshape(Hq, T, Dh).transpose(1, 0, 2).reshape(T, Hq * Dh)  # -> (T, Hq*Dh)
         return linear(out, layer.o_proj)  # (T, Hq*Dh) -> (T, D)
