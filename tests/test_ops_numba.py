@@ -6,6 +6,10 @@ Tolerances (float32; measured maxima on these cases were ~1e-6 relative or below
   apply_rope        rtol 1e-6, atol 1e-6 * max|x|            (the same two products per element; contraction)
   decode_attention  atol 2e-6 * max|v|                       (a convex combination of v's rows, summed in
                                                               another order; measured <= 4e-7)
+  _exp              rtol 2e-7 on [-87.3, 88.3]                (Taylor to r^7 and float32 rounding; measured 7.5e-8)
+  softmax_          atol 1e-6, rtol 1e-5                      (probabilities; the exp above, another sum order)
+  quick_gelu_       atol 1e-6 * max(1, max|z|), rtol 1e-5     (exp-and-divide form vs the reference's tanh form)
+  layer_norm        rtol 1e-5 + atol 4 eps32 * max|x|/std * max|weight| + 2e-6 max|bias|   (x - mean cancels)
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 
 from tinyvlm import backend
 from tinyvlm.config import TextConfig
-from tinyvlm.kernels import attention, norm, ops_numba, rope
+from tinyvlm.kernels import activations, attention, norm, ops_numba, rope
 from tinyvlm.language import LanguageModel, language_expected_shapes
 
 SETTINGS = settings(derandomize=True, deadline=None, max_examples=25)
@@ -65,6 +69,56 @@ def test_decode_attention_matches_reference(kv: int, group: int, length: int, sp
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(values).max())
     # Extreme scores (scale 30: |q.k| * scale in the hundreds) must not overflow: the max is subtracted first.
     assert np.all(np.isfinite(got))
+
+
+def test_exp_is_close_to_float64_exp_and_clamps() -> None:
+    x = np.concatenate([np.linspace(-87.3, 88.3, 200_001, dtype=np.float32), np.float32([0, -0.0, 1e-30, -1e-30])])
+    got = np.array([ops_numba._exp(v) for v in x[::97]] + [ops_numba._exp(v) for v in x[-4:]], dtype=np.float64)
+    ref = np.exp(np.concatenate([x[::97], x[-4:]]).astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) < 2e-7
+    assert ops_numba._exp(np.float32(0)) == 1.0
+    assert 0 < ops_numba._exp(np.float32(-np.inf)) < 2e-38  # clamped below, never a NaN
+    assert np.isfinite(ops_numba._exp(np.float32(np.inf)))  # clamped above
+
+
+@SETTINGS
+@given(rows=st.integers(1, 6), n=st.integers(1, 700), scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
+       seed=st.integers(0, 2**16))
+def test_softmax_in_place_matches_reference(rows: int, n: int, scale: float, seed: int) -> None:
+    x = rand(np.random.default_rng(seed), (2, rows, n), scale)
+    ref = attention.softmax(x.copy())
+    got = ops_numba.softmax_(x)
+    assert got is x
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+@SETTINGS
+@given(rows=st.integers(1, 6), n=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 10.0, 1e3]),
+       seed=st.integers(0, 2**16))
+def test_quick_gelu_in_place_matches_reference(rows: int, n: int, scale: float, seed: int) -> None:
+    z = rand(np.random.default_rng(seed), (rows, n), scale)
+    ref = activations.quick_gelu(z)
+    got = ops_numba.quick_gelu_(z)
+    assert got is z
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(ref).max())))
+
+
+@SETTINGS
+@given(rows=st.integers(1, 6), dim=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       offset=st.sampled_from([0.0, 100.0]), seed=st.integers(0, 2**16))
+def test_layer_norm_matches_reference(rows: int, dim: int, scale: float, offset: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rand(rng, (rows, dim), scale) + np.float32(offset * scale)  # a large mean, as LayerNorm inputs can have
+    w, b = rand(rng, (dim,)), rand(rng, (dim,))
+    out = np.empty_like(x)
+    got = ops_numba.layer_norm(x, w, b, 1e-5, out)
+    assert got is out
+    ref = norm.layer_norm(x, w, b, 1e-5)
+    # x - mean loses the bits of |x| beyond the spread: float32 error grows with max|x| / std (the condition).
+    cond = float(np.max(np.abs(x) / (x.std(axis=-1, keepdims=True) + 1e-3)))
+    atol = 4 * np.finfo(np.float32).eps * max(cond, 1.0) * np.abs(w).max() + 2e-6 * np.abs(b).max()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=atol)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from tinyvlm import backend
 from tinyvlm.config import VisionConfig
 from tinyvlm.errors import ConfigError, WeightsError
 from tinyvlm.vision import VisionTower, infer_vision_config, vision_expected_shapes, vision_needed_names
@@ -54,7 +55,9 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def test_select_layer_minus_2_patch(clip: Clip) -> None:
+@pytest.mark.parametrize("name", backend.BACKENDS)
+def test_select_layer_minus_2_patch(clip: Clip, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend, "_chosen", {"name": name})  # the numba kernels (softmax_, ...) and their references
     hf_cfg, weights, pixels, hidden = clip
     tower = VisionTower(ours_config(hf_cfg), weights)
     assert len(tower.layers) == 2  # 3 layers, the last never runs

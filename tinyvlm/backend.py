@@ -4,7 +4,7 @@ Model code calls `linear` and never checks weight types (style.md (b) 10). Backe
     "numpy"  NumPy references everywhere (tinyvlm/kernels/quant.py for quantized weights)
     "numba"  the Numba kernels in tinyvlm/kernels/quant_numba.py for quantized weights, and those in
              tinyvlm/kernels/ops_numba.py for the per-token ops of decode (rms_norm, apply_rope,
-             decode_attention)
+             decode_attention) and the vision tower's softmax_, quick_gelu_ and layer_norm
 The default is "numba" when numba can be imported, else "numpy"; the environment variable
 TINYVLM_BACKEND overrides the default, set_backend overrides both. numba is imported on the first
 call that needs it, never at import time, so `python -m tinyvlm --help` does not load it.
@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from tinyvlm.errors import TinyVLMError
-from tinyvlm.kernels import _numba, attention, norm, quant, rope
+from tinyvlm.kernels import _numba, activations, attention, norm, quant, rope
 from tinyvlm.kernels.quant import QuantizedMatrix
 
 BACKENDS = ("numpy", "numba")
@@ -113,3 +113,35 @@ def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length
 
         return ops_numba.decode_attention(q, keys, values, length, scale)
     return attention.grouped_attention(q[:, None], keys[:, :length], values[:, :length], scale)[:, 0]
+
+
+def softmax_(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis of a C-contiguous float32 x with no -inf entries, in place; returns x
+    (reference: kernels/attention.py)."""
+    if get_backend() == "numba":
+        from tinyvlm.kernels import ops_numba
+
+        return ops_numba.softmax_(x)
+    return attention.softmax(x, out=x)
+
+
+def quick_gelu_(z: np.ndarray) -> np.ndarray:
+    """z = CLIP's z * sigmoid(1.702 z) in place for C-contiguous float32 z; returns z
+    (reference: kernels/activations.py)."""
+    if get_backend() == "numba":
+        from tinyvlm.kernels import ops_numba
+
+        return ops_numba.quick_gelu_(z)
+    z[...] = activations.quick_gelu(z)
+    return z
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
+    """out = LayerNorm over the last axis of C-contiguous float32 x (..., D), out of x's shape and not x itself;
+    returns out (reference: kernels/norm.py)."""
+    if get_backend() == "numba":
+        from tinyvlm.kernels import ops_numba
+
+        return ops_numba.layer_norm(x, weight, bias, eps, out)
+    out[...] = norm.layer_norm(x, weight, bias, eps)
+    return out

@@ -15,7 +15,7 @@ import numpy as np
 
 from tinyvlm.config import VisionConfig
 from tinyvlm.errors import ConfigError, WeightsError
-from tinyvlm.kernels import layer_norm, quick_gelu, softmax
+from tinyvlm.backend import layer_norm, quick_gelu_, softmax_
 from tinyvlm.weights.checked import read_checked
 
 _EMB = "vision_model.embeddings."
@@ -119,9 +119,29 @@ class _Layer:
         self.o, self.fc1, self.fc2 = pair["self_attn.out_proj"], pair["mlp.fc1"], pair["mlp.fc2"]
 
 
-def _linear(x: np.ndarray, wb: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    # x @ W.T on the [out, in] weight: measured as fast as a pre-transposed copy with OpenBLAS here.
-    return x @ wb[0].T + wb[1]
+def _linear(x: np.ndarray, wb: tuple[np.ndarray, np.ndarray], out: np.ndarray) -> np.ndarray:
+    """out = x @ W.T + b on the [out, in] weight (as fast as a pre-transposed copy with OpenBLAS here)."""
+    np.matmul(x, wb[0].T, out=out)
+    out += wb[1]
+    return out
+
+
+class _Workspace:
+    """The activations of one layer, allocated once per image and reused by all of its layers.
+
+    Fresh arrays of this size (2-21 MB) come from the kernel page by page on first touch; on the reference VM
+    those page faults cost as much as the elementwise ops themselves, and a workspace pays them once.
+    """
+
+    def __init__(self, T: int, C: int, F: int, H: int) -> None:
+        self.h = np.empty((T, C), dtype=np.float32)  # LayerNorm output
+        self.q = np.empty((T, C), dtype=np.float32)
+        self.k = np.empty((T, C), dtype=np.float32)
+        self.v = np.empty((T, C), dtype=np.float32)
+        self.scores = np.empty((H, T, T), dtype=np.float32)  # attention scores, then probabilities
+        self.heads = np.empty((T, H, C // H), dtype=np.float32)  # attention output per head, token-major
+        self.out = np.empty((T, C), dtype=np.float32)  # out_proj or fc2 output
+        self.mlp = np.empty((T, F), dtype=np.float32)  # fc1 output, then its activation
 
 
 class VisionTower:
@@ -146,25 +166,29 @@ class VisionTower:
         patches = patches.reshape(g * g, 3 * p * p)  # row-major: patch = row * g + col -> (P, 3*p*p)
         x = patches @ self.patch_w.T  # (P, 3*p*p) -> (P, C)
         x = np.concatenate([self.cls[None, :], x], axis=0) + self.pos  # (P, C) -> (P+1, C)
-        return layer_norm(x, *self.pre_ln, self.cfg.layer_norm_eps)
+        return layer_norm(x, *self.pre_ln, self.cfg.layer_norm_eps, out=np.empty_like(x))
 
-    def _attention(self, x: np.ndarray, layer: _Layer) -> np.ndarray:
-        T, C = x.shape  # T = P+1 tokens
+    def _attention(self, layer: _Layer, ws: _Workspace) -> np.ndarray:
+        """Self-attention of the normalised tokens ws.h (T, C); returns out_proj's output, ws.out (T, C)."""
+        T, C = ws.h.shape  # T = P+1 tokens
         H = self.cfg.num_attention_heads
         Dh = C // H
-        q = _linear(x, layer.q).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, C) -> (H, T, Dh)
-        k = _linear(x, layer.k).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, C) -> (H, T, Dh)
-        v = _linear(x, layer.v).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, C) -> (H, T, Dh)
-        scores = (q * np.float32(Dh**-0.5)) @ k.transpose(0, 2, 1)  # (H, T, Dh) -> (H, T, T), no mask
-        out = softmax(scores, out=scores) @ v  # (H, T, T) -> (H, T, Dh)
-        out = out.transpose(1, 0, 2).reshape(T, C)  # (H, T, Dh) -> (T, C)
-        return _linear(out, layer.o)
+        q = _linear(ws.h, layer.q, ws.q).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, C) -> (H, T, Dh)
+        q *= np.float32(Dh**-0.5)
+        k = _linear(ws.h, layer.k, ws.k).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, C) -> (H, T, Dh)
+        v = _linear(ws.h, layer.v, ws.v).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, C) -> (H, T, Dh)
+        scores = np.matmul(q, k.transpose(0, 2, 1), out=ws.scores)  # (H, T, Dh) -> (H, T, T), no mask
+        np.matmul(softmax_(scores), v, out=ws.heads.transpose(1, 0, 2))  # (H, T, T) -> (H, T, Dh), in (T, H, Dh)
+        return _linear(ws.heads.reshape(T, C), layer.o, ws.out)
 
-    def _layer(self, x: np.ndarray, layer: _Layer) -> np.ndarray:
+    def _layer(self, x: np.ndarray, layer: _Layer, ws: _Workspace) -> None:
+        """One pre-LN encoder layer, updating the residual stream x (T, C) in place."""
         eps = self.cfg.layer_norm_eps
-        x = x + self._attention(layer_norm(x, *layer.ln1, eps), layer)
-        h = quick_gelu(_linear(layer_norm(x, *layer.ln2, eps), layer.fc1))  # (T, C) -> (T, F)
-        return x + _linear(h, layer.fc2)  # (T, F) -> (T, C)
+        layer_norm(x, *layer.ln1, eps, out=ws.h)
+        x += self._attention(layer, ws)
+        layer_norm(x, *layer.ln2, eps, out=ws.h)
+        h = quick_gelu_(_linear(ws.h, layer.fc1, ws.mlp))  # (T, C) -> (T, F), activated in place
+        x += _linear(h, layer.fc2, ws.out)  # (T, F) -> (T, C)
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         """hidden_states[select_layer] for one image, CLS dropped when select_feature is "patch"."""
@@ -172,6 +196,9 @@ class VisionTower:
         if pixels.shape != (3, size, size):
             raise ValueError(f"pixels have shape {pixels.shape}; expected (3, {size}, {size})")
         x = self.embed(np.asarray(pixels, dtype=np.float32))  # (3, H, W) -> (P+1, C)
-        for layer in self.layers:
-            x = self._layer(x, layer)
+        if self.layers:
+            F = self.layers[0].fc1[0].shape[0]  # intermediate size
+            ws = _Workspace(x.shape[0], x.shape[1], F, self.cfg.num_attention_heads)
+            for layer in self.layers:
+                self._layer(x, layer, ws)
         return x[1:] if self.cfg.select_feature == "patch" else x  # (P+1, C) -> (P, C)
