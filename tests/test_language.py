@@ -170,7 +170,7 @@ def test_rope_tables_match_transformers(head_dim: int, n_pos: int, theta: float)
 
 def test_kv_cache_positions() -> None:
     cache = KVCache(n_layers=2, n_kv_heads=3, max_len=6, head_dim=4)
-    assert cache.k.shape == (2, 3, 6, 4) and cache.k.dtype == np.float32 and cache.free == 6
+    assert cache.k.shape == (2, 6, 3, 4) and cache.k.dtype == np.float32 and cache.free == 6
     chunk = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)  # (Hkv, T, Dh)
     cache.write(1, chunk, -chunk)
     np.testing.assert_array_equal(cache.keys(1), chunk)

@@ -60,11 +60,12 @@ def test_apply_rope_matches_reference(heads: int, steps: int, half: int, pos: in
 def test_decode_attention_matches_reference(kv: int, group: int, length: int, spare: int, dim: int, scale: float,
                                             seed: int) -> None:
     rng = np.random.default_rng(seed)
-    keys, values = rand(rng, (kv, length + spare, dim), scale), rand(rng, (kv, length + spare, dim))
-    keys[:, length:] = np.nan  # positions past `length` must never be read
+    keys, values = rand(rng, (length + spare, kv, dim), scale), rand(rng, (length + spare, kv, dim))
+    keys[length:] = np.nan  # positions past `length` must never be read
     q = rand(rng, (kv * group, 2 * dim))[:, ::2]  # non-contiguous (Hq, Dh)
     got = ops_numba.decode_attention(q, keys, values, length, dim ** -0.5)
-    ref = attention.grouped_attention(q[:, None], keys[:, :length], values[:, :length], dim ** -0.5)[:, 0]
+    k, v = keys[:length].transpose(1, 0, 2), values[:length].transpose(1, 0, 2)  # (Hkv, S, Dh)
+    ref = attention.grouped_attention(q[:, None], k, v, dim ** -0.5)[:, 0]
     assert got.shape == (kv * group, dim) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(values).max())
     # Extreme scores (scale 30: |q.k| * scale in the hundreds) must not overflow: the max is subtracted first.

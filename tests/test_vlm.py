@@ -172,7 +172,7 @@ def test_chat_reuses_cache_and_matches_full_prompt(loaded, checkpoints, photo):
     fresh = vlm.language.new_cache()
     vlm.language.forward(vlm.embed(full_ids, [vlm.encode_image(photo)]), fresh)
     n = cache_pos
-    assert rel_err(chat.cache.k[:, :, :n], fresh.k[:, :, :n]) <= REL
+    assert rel_err(chat.cache.k[:, :n], fresh.k[:, :n]) <= REL
     assert logits.shape[0] == n
 
 
@@ -221,7 +221,7 @@ def test_interrupted_reply_leaves_chat_consistent(loaded, photo):
     fresh = vlm.language.new_cache()
     vlm.language.forward(vlm.embed(chat.history, [vlm.encode_image(photo)]), fresh)
     n = chat.cache.pos
-    assert rel_err(chat.cache.k[:, :, :n], fresh.k[:, :, :n]) <= REL
+    assert rel_err(chat.cache.k[:, :n], fresh.k[:, :n]) <= REL
 
 
 def test_reference_greedy_runs_sixteen_steps(checkpoints, loaded, photo):

@@ -106,13 +106,14 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, scale: float) -> np.ndarray:
-    """One query's attention over a layer's cache: q (Hq, Dh); keys, values (Hkv, S_max, Dh), of which the
+    """One query's attention over a layer's cache: q (Hq, Dh); keys, values (S_max, Hkv, Dh), of which the
     first `length` positions count. Returns (Hq, Dh) (reference: kernels/attention.py)."""
     if get_backend() == "numba":
         from tinyvlm.kernels import ops_numba
 
         return ops_numba.decode_attention(q, keys, values, length, scale)
-    return attention.grouped_attention(q[:, None], keys[:, :length], values[:, :length], scale)[:, 0]
+    k, v = keys[:length].transpose(1, 0, 2), values[:length].transpose(1, 0, 2)  # (Hkv, S, Dh) views
+    return attention.grouped_attention(q[:, None], k, v, scale)[:, 0]
 
 
 def softmax_(x: np.ndarray) -> np.ndarray:

@@ -1,8 +1,12 @@
 """Preallocated key/value cache for the LLaMA decoder, written by position.
 
-Follows the llama2.c / gpt-fast layout (style.md (b) 6): one array per kind, shape (L, Hkv, S, Dh), allocated
-once with an explicit dtype. A forward pass writes each layer's new keys and values at positions
-pos .. pos+T-1, reads them back as views up to pos+T, and advances `pos` once at the end.
+One array per kind, allocated once with an explicit dtype (style.md (b) 6), position-major as llama.cpp's:
+shape (L, S, Hkv, Dh), so the first n positions of a layer are one contiguous block. A forward pass writes
+each layer's new keys and values at positions pos .. pos+T-1, reads them back as views up to pos+T, and
+advances `pos` once at the end. Why position-major: the arrays are allocated untouched, and memory becomes
+resident as it is first written. With the heads outermost (L, Hkv, S, Dh, as llama2.c and gpt-fast keep it),
+the first token of every head touched its own pages, and with NumPy's transparent huge pages a 192-token
+prompt made the whole 800 MB cache of MobileLLaMA-1.4B resident (prefill 0.46 s slower on the reference VM).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ class KVCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: type[np.floating] = np.float32) -> None:
-        shape = (n_layers, n_kv_heads, max_len, head_dim)  # (L, Hkv, S, Dh)
+        shape = (n_layers, max_len, n_kv_heads, head_dim)  # (L, S, Hkv, Dh)
         self.k = np.zeros(shape, dtype=dtype)
         self.v = np.zeros(shape, dtype=dtype)
         self.pos = 0  # tokens written and committed so far
@@ -24,7 +28,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[1]
 
     @property
     def free(self) -> int:
@@ -39,20 +43,20 @@ class KVCache:
                 f"{k.shape[1]} tokens at position {self.pos} do not fit the context of {self.max_len} "
                 f"({self.free} free)"
             )
-        self.k[layer, :, self.pos:end] = k
-        self.v[layer, :, self.pos:end] = v
+        self.k[layer, self.pos:end] = k.transpose(1, 0, 2)  # (Hkv, T, Dh) -> (T, Hkv, Dh)
+        self.v[layer, self.pos:end] = v.transpose(1, 0, 2)
         self._end = end
 
     def keys(self, layer: int) -> np.ndarray:
-        """View of this layer's keys up to the end of the chunk being written: (Hkv, pos+T, Dh)."""
-        return self.k[layer, :, :self._end]
+        """View of this layer's keys up to the end of the chunk being written: (Hkv, pos+T, Dh), strided."""
+        return self.k[layer, :self._end].transpose(1, 0, 2)
 
     def values(self, layer: int) -> np.ndarray:
-        """View of this layer's values up to the end of the chunk being written: (Hkv, pos+T, Dh)."""
-        return self.v[layer, :, :self._end]
+        """View of this layer's values up to the end of the chunk being written: (Hkv, pos+T, Dh), strided."""
+        return self.v[layer, :self._end].transpose(1, 0, 2)
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """This layer's whole key and value arrays (Hkv, max_len, Dh), contiguous, and how many positions
+        """This layer's whole key and value arrays (max_len, Hkv, Dh), contiguous, and how many positions
         count (pos+T): for kernels that want contiguous memory rather than the strided views above."""
         return self.k[layer], self.v[layer], self._end
 

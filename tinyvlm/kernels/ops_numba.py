@@ -67,13 +67,13 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 @numba.njit(parallel=True, fastmath=_FAST, cache=True)
 def _decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, scale: np.float32,
                       out: np.ndarray) -> None:
-    """out[h] = softmax(keys[j, :length] q[h] * scale) @ values[j, :length] for each query head h, j = h // group.
+    """out[h] = softmax(keys[:length, j] q[h] * scale) @ values[:length, j] for each query head h, j = h // group.
 
-    keys and values are a layer's whole cache (Hkv, S_max, Dh), C-contiguous: a view cut to `length` would
-    be strided, and Numba vectorizes strided loops poorly (this kernel measured 2.4x slower on such views).
+    keys and values are a layer's whole cache (S_max, Hkv, Dh), C-contiguous: Numba types a view cut to
+    `length` as non-contiguous and vectorizes its loops poorly (this kernel measured 2.4x slower on views).
     """
     heads, dim = q.shape
-    group = heads // keys.shape[0]
+    group = heads // keys.shape[1]
     for h in numba.prange(heads):
         j = h // group
         scores = np.empty(length, dtype=np.float32)  # (S,)
@@ -81,7 +81,7 @@ def _decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, lengt
         for t in range(length):
             s = np.float32(0)
             for e in range(dim):
-                s += q[h, e] * keys[j, t, e]
+                s += q[h, e] * keys[t, j, e]
             s *= scale
             scores[t] = s
             top = max(top, s)
@@ -94,14 +94,14 @@ def _decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, lengt
         for t in range(length):
             p = scores[t]
             for e in range(dim):
-                acc[e] += p * values[j, t, e]
+                acc[e] += p * values[t, j, e]
         for e in range(dim):
             out[h, e] = acc[e] / total
 
 
 def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, scale: float) -> np.ndarray:
     """attention.grouped_attention for one query: q (Hq, Dh) over the first `length` positions of keys and values
-    (Hkv, S_max, Dh, C-contiguous float32); returns (Hq, Dh)."""
+    (S_max, Hkv, Dh, C-contiguous float32); returns (Hq, Dh)."""
     out = np.empty(q.shape, dtype=np.float32)  # (Hq, Dh)
     _decode_attention(np.ascontiguousarray(q, dtype=np.float32), keys, values, length, np.float32(scale), out)
     return out
