@@ -4,7 +4,7 @@ Model code calls `linear` and never checks weight types (style.md (b) 10). Backe
     "numpy"  NumPy references everywhere (tinyvlm/kernels/quant.py for quantized weights)
     "numba"  the Numba kernels in tinyvlm/kernels/quant_numba.py for quantized weights, and those in
              tinyvlm/kernels/ops_numba.py for the per-token ops of decode (rms_norm, apply_rope,
-             decode_attention) and the vision tower's softmax_, quick_gelu_ and layer_norm
+             decode_attention) the vision tower's softmax_, quick_gelu_ and layer_norm, and the projector's gelu_
 The default is "numba" when numba can be imported, else "numpy"; the environment variable
 TINYVLM_BACKEND overrides the default, set_backend overrides both. numba is imported on the first
 call that needs it, never at import time, so `python -m tinyvlm --help` does not load it.
@@ -146,3 +146,14 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, 
         return ops_numba.layer_norm(x, weight, bias, eps, out)
     out[...] = norm.layer_norm(x, weight, bias, eps)
     return out
+
+
+def gelu_(z: np.ndarray) -> np.ndarray:
+    """z = the exact (erf) GELU of z in place, for C-contiguous float32 z; returns z
+    (reference: kernels/activations.py)."""
+    if get_backend() == "numba":
+        from tinyvlm.kernels import ops_numba
+
+        return ops_numba.gelu_(z)
+    z[...] = activations.gelu(z)
+    return z

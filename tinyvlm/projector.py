@@ -16,7 +16,8 @@ import numpy as np
 
 from tinyvlm.config import ProjectorConfig
 from tinyvlm.errors import ConfigError
-from tinyvlm.kernels import depthwise3x3, gelu, hardsigmoid, hardswish, layer_norm
+from tinyvlm.backend import gelu_
+from tinyvlm.kernels import depthwise3x3, hardsigmoid, hardswish, layer_norm
 from tinyvlm.weights.checked import read_checked
 
 LN_EPS = 1e-5  # timm LayerNormAct2d default, used by both LDP blocks
@@ -44,7 +45,7 @@ def _dw_kernel(w: np.ndarray) -> np.ndarray:
 
 
 def _mlp(features: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> np.ndarray:
-    h = gelu(np.asarray(features, dtype=np.float32) @ w1.T + b1)  # (P, C) -> (P, D)
+    h = gelu_(np.asarray(features, dtype=np.float32) @ w1.T + b1)  # (P, C) -> (P, D), activated in place
     return h @ w2.T + b2  # (P, D) -> (P, D)
 
 
