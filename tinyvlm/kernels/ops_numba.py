@@ -73,6 +73,8 @@ def _decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, lengt
 
     keys and values are a layer's whole cache (S_max, Hkv, Dh), C-contiguous: Numba types a view cut to
     `length` as non-contiguous and vectorizes its loops poorly (this kernel measured 2.4x slower on views).
+    MobileLLaMA-1.4B int4 decode at ~220 cached positions, 2 threads, all 24 layers: 4.2 ms per token here,
+    7.5 ms with NumPy (q @ K^T, softmax, @ V: 32 small BLAS calls per layer, each waking OpenBLAS's threads).
     """
     heads, dim = q.shape
     group = heads // keys.shape[1]
