@@ -304,3 +304,17 @@ def test_numba_missing_in_a_fresh_process() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     name, total, reason = result.stdout.split(" ", 2)
     assert (name, float(total)) == ("numpy", 127.0) and "numba could not be imported" in reason
+
+
+def test_pack_together_keeps_values_in_one_aligned_buffer() -> None:
+    mats = [quant.quantize(make_weight("normal", out, n_in, seed=out), kind)
+            for out, n_in, kind in ((3, 64, "q4_0"), (5, 32, "q4_1"), (7, 96, "q8_0"), (1, 32, "q4_1"))]
+    packed = quant.pack_together(mats)
+    assert len(packed) == len(mats)
+    arrays = [a for qm in packed for a in (qm.qs, qm.d, qm.m) if a is not None]
+    assert len({id(a.base) for a in arrays}) == 1  # views of one buffer
+    assert all(a.ctypes.data % 64 == 0 for a in arrays)
+    assert min(a.ctypes.data for a in arrays) % quant.HUGE_PAGE == 0
+    for old, new in zip(mats, packed):
+        assert (new.kind, new.shape) == (old.kind, old.shape)
+        assert np.array_equal(bits(quant.dequantize(new)), bits(quant.dequantize(old)))

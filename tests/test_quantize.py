@@ -129,11 +129,13 @@ def saved(checkpoints, tmp_path_factory):
 def test_file_round_trip_by_memory_map(saved, quantized):
     vlm = tinyvlm.load(saved)
     assert vlm.quant == "int4"
-    qs = vlm.language.layers[0].o_proj.qs
-    base = qs
-    while getattr(base, "base", None) is not None:
-        base = base.base
-    assert type(base).__name__ == "mmap"  # a view of the mapped file, not a copy
+    # Read through the memory map, then packed into one huge-page buffer (quant.pack_together) for decode.
+    lm = vlm.language
+    mats = [m for layer in lm.layers for m in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down_proj)]
+    assert all(isinstance(m, QuantizedMatrix) for m in mats) and isinstance(lm.lm_head, QuantizedMatrix)
+    bases = {id(a.base) for m in [*mats, lm.lm_head] for a in (m.qs, m.d)}
+    assert len(bases) == 1  # every array a view of the one buffer
+    assert all(a.ctypes.data % 64 == 0 for m in mats for a in (m.qs, m.d))
     ref = quantized[("v2", "int4")]
     ids = ref.prompt_ids(QUESTION)
     assert rel_err(vlm.logits(ids, IMAGE), ref.logits(ids, IMAGE)) <= 1e-4
