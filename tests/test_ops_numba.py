@@ -97,26 +97,24 @@ def test_softmax_in_place_matches_reference(rows: int, n: int, scale: float, see
     np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=1e-5)
 
 
+# name: (kernel, reference, rtol, atol as a function of the reference's largest magnitude); see the table above
+ACTIVATIONS = {
+    "quick_gelu_": (ops_numba.quick_gelu_, activations.quick_gelu, 1e-5, lambda top: 1e-6 * max(1.0, top)),
+    "gelu_": (ops_numba.gelu_, activations.gelu, 2e-7, lambda top: 5e-8),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
 @SETTINGS
 @given(rows=st.integers(1, 6), n=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 10.0, 1e3]),
        seed=st.integers(0, 2**16))
-def test_quick_gelu_in_place_matches_reference(rows: int, n: int, scale: float, seed: int) -> None:
+def test_activation_in_place_matches_reference(name: str, rows: int, n: int, scale: float, seed: int) -> None:
+    kernel, reference, rtol, atol = ACTIVATIONS[name]
     z = rand(np.random.default_rng(seed), (rows, n), scale)
-    ref = activations.quick_gelu(z)
-    got = ops_numba.quick_gelu_(z)
+    ref = reference(z)
+    got = kernel(z)
     assert got is z
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(ref).max())))
-
-
-@SETTINGS
-@given(rows=st.integers(1, 6), n=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 10.0, 1e3]),
-       seed=st.integers(0, 2**16))
-def test_gelu_in_place_matches_reference(rows: int, n: int, scale: float, seed: int) -> None:
-    z = rand(np.random.default_rng(seed), (rows, n), scale)
-    ref = activations.gelu(z)
-    got = ops_numba.gelu_(z)
-    assert got is z
-    np.testing.assert_allclose(got, ref, rtol=2e-7, atol=5e-8)
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol(float(np.abs(ref).max())))
 
 
 @SETTINGS

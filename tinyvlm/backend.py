@@ -13,6 +13,7 @@ Dense float32 weights always go to BLAS (numpy @), which is already as fast as a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -126,15 +127,20 @@ def softmax_(x: np.ndarray) -> np.ndarray:
     return attention.softmax(x, out=x)
 
 
-def quick_gelu_(z: np.ndarray) -> np.ndarray:
-    """z = CLIP's z * sigmoid(1.702 z) in place for C-contiguous float32 z; returns z
-    (reference: kernels/activations.py)."""
+def _activation_(z: np.ndarray, kernel: str, reference: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """z = reference(z) in place, by ops_numba.<kernel> on the numba backend; returns z."""
     if get_backend() == "numba":
         from tinyvlm.kernels import ops_numba
 
-        return ops_numba.quick_gelu_(z)
-    z[...] = activations.quick_gelu(z)
+        return getattr(ops_numba, kernel)(z)
+    z[...] = reference(z)
     return z
+
+
+def quick_gelu_(z: np.ndarray) -> np.ndarray:
+    """z = CLIP's z * sigmoid(1.702 z) in place for C-contiguous float32 z; returns z
+    (reference: kernels/activations.py)."""
+    return _activation_(z, "quick_gelu_", activations.quick_gelu)
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
@@ -151,9 +157,4 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, 
 def gelu_(z: np.ndarray) -> np.ndarray:
     """z = the exact (erf) GELU of z in place, for C-contiguous float32 z; returns z
     (reference: kernels/activations.py)."""
-    if get_backend() == "numba":
-        from tinyvlm.kernels import ops_numba
-
-        return ops_numba.gelu_(z)
-    z[...] = activations.gelu(z)
-    return z
+    return _activation_(z, "gelu_", activations.gelu)

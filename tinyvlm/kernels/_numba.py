@@ -14,7 +14,9 @@ On x86-64 CPUs with AVX-512, LLVM's tuning for Intel server cores ("prefer-256-b
 256-bit registers only; numba is told to use the full 512 bits (NUMBA_CPU_FEATURES = the host's
 features + "-prefer-256-bit"), unless the user set NUMBA_CPU_FEATURES or NUMBA_CPU_NAME. On the
 reference VM (Sapphire Rapids class) this made the q4 decode matvec over MobileLLaMA-1.4B's matrices
-about 14% faster (13.0 -> 14.9 GB/s). Other CPUs (ARM64, AVX2-only x86) are left alone.
+about 14% faster (13.0 -> 14.9 GB/s) when freshly compiled. Loaded from numba's on-disk cache, the same
+machine code (byte for byte) measured 12-15% slower in the same process, and so only a little faster than
+the 256-bit build; the cause was not found. Other CPUs (ARM64, AVX2-only x86) are left alone.
 """
 from __future__ import annotations
 
