@@ -12,6 +12,7 @@ Tolerances (float32; measured maxima on these cases were ~1e-6 relative or below
   gelu_             rtol 2e-7, atol 5e-8                      (both float64 inside, rounded once to float32; for
                                                               z < -5.6 the reference's erf is exactly -1, the C
                                                               library's keeps the tail: |gelu| < 5e-8 there)
+  silu_mul_, swiglu_ rtol 1e-5, atol 1e-6 * max|silu(g) up|    (the exp above; below g = -88 -4e-37 * up, not -0)
   layer_norm        rtol 1e-5 + atol 4 eps32 * max|x|/std * max|weight| + 2e-6 max|bias|   (x - mean cancels)
 """
 from __future__ import annotations
@@ -115,6 +116,23 @@ def test_activation_in_place_matches_reference(name: str, rows: int, n: int, sca
     got = kernel(z)
     assert got is z
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol(float(np.abs(ref).max())))
+
+
+@SETTINGS
+@given(rows=st.integers(1, 6), n=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 10.0, 1e3]),
+       seed=st.integers(0, 2**16))
+def test_silu_mul_in_place_matches_reference(rows: int, n: int, scale: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    both = rand(rng, (rows, 2 * n), scale)  # [gate | up], as a stacked gate_up matrix gives them
+    ref = activations.silu(both[:, :n]) * both[:, n:]
+    tol = {"rtol": 1e-5, "atol": 1e-6 * max(1.0, float(np.abs(ref).max()))}
+    gate, up = both[:, :n].copy(), both[:, n:].copy()  # contiguous copies: both stays as it is
+    got = ops_numba.silu_mul_(gate, up)
+    assert got is gate
+    np.testing.assert_allclose(got, ref, **tol)
+    stacked = ops_numba.swiglu_(both)
+    assert stacked.base is both and stacked.shape == (rows, n)  # written over the gate half
+    np.testing.assert_allclose(stacked, ref, **tol)
 
 
 @SETTINGS

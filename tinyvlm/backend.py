@@ -3,8 +3,9 @@
 Model code calls `linear` and never checks weight types (style.md (b) 10). Backends:
     "numpy"  NumPy references everywhere (tinyvlm/kernels/quant.py for quantized weights)
     "numba"  the Numba kernels in tinyvlm/kernels/quant_numba.py for quantized weights, and those in
-             tinyvlm/kernels/ops_numba.py for the per-token ops of decode (rms_norm, apply_rope,
-             decode_attention) the vision tower's softmax_, quick_gelu_ and layer_norm, and the projector's gelu_
+             tinyvlm/kernels/ops_numba.py for the LLM's rms_norm, apply_rope, silu_mul_ / swiglu_ and
+             decode_attention,
+             the vision tower's softmax_, quick_gelu_ and layer_norm, and the projector's gelu_
 The default is "numba" when numba can be imported, else "numpy"; the environment variable
 TINYVLM_BACKEND overrides the default, set_backend overrides both. numba is imported on the first
 call that needs it, never at import time, so `python -m tinyvlm --help` does not load it.
@@ -158,3 +159,26 @@ def gelu_(z: np.ndarray) -> np.ndarray:
     """z = the exact (erf) GELU of z in place, for C-contiguous float32 z; returns z
     (reference: kernels/activations.py)."""
     return _activation_(z, "gelu_", activations.gelu)
+
+
+def silu_mul_(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gate = silu(gate) * up in place, C-contiguous float32 (T, F) each; returns gate
+    (reference: kernels/activations.py)."""
+    if get_backend() == "numba":
+        from tinyvlm.kernels import ops_numba
+
+        return ops_numba.silu_mul_(gate, up)
+    gate[...] = activations.silu(gate) * up
+    return gate
+
+
+def swiglu_(y: np.ndarray) -> np.ndarray:
+    """silu(gate) * up for y = [gate | up] (T, 2F) C-contiguous float32, written over the gate half, which is
+    returned as a (T, F) view (reference: kernels/activations.py)."""
+    if get_backend() == "numba":
+        from tinyvlm.kernels import ops_numba
+
+        return ops_numba.swiglu_(y)
+    F = y.shape[1] // 2
+    y[:, :F] = activations.silu(y[:, :F]) * y[:, F:]
+    return y[:, :F]

@@ -17,7 +17,7 @@ from tinyvlm.config import TextConfig
 from tinyvlm.errors import PromptError, WeightsError
 from tinyvlm import backend
 from tinyvlm.backend import fuse, linear, linear_split
-from tinyvlm.kernels import apply_rope, grouped_attention, rms_norm, rope_tables, silu
+from tinyvlm.kernels import grouped_attention, rope_tables
 from tinyvlm.kernels.quant import QuantizedMatrix, pack_together
 
 Weight = np.ndarray | QuantizedMatrix  # a linear layer's (out, in) matrix, dense or quantized
@@ -83,9 +83,11 @@ def _load_layer(weights: Mapping[str, Weight], i: int) -> _Layer:
 
 def _mlp(layer: _Layer, x: np.ndarray) -> np.ndarray:
     """SwiGLU: down(silu(gate(x)) * up(x)); (T, D) -> (T, D)."""
-    F = layer.down_proj.shape[1]
-    gate, up = linear_split(x, layer.gate_up, [F, F])  # (T, D) -> (T, F) each
-    hidden = silu(gate) * up  # (T, F)
+    if len(layer.gate_up) == 1:  # gate and up stacked (backend.fuse): one (T, 2F) output
+        hidden = backend.swiglu_(linear(x, layer.gate_up[0]))  # (T, 2F) -> (T, F), in its gate half
+    else:
+        gate, up = (linear(x, w) for w in layer.gate_up)  # (T, D) -> (T, F) each
+        hidden = backend.silu_mul_(gate, up)  # silu(gate) * up, in gate's memory
     return linear(hidden, layer.down_proj)  # (T, F) -> (T, D)
 
 
@@ -177,8 +179,7 @@ class LanguageModel:
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # (T, Dh/2) each
         # Query t (position pos+t) may see keys 0 .. pos+t: -inf above that diagonal.
         mask = np.triu(np.full((T, pos + T), -np.inf, dtype=np.float32), k=pos + 1) if T > 1 else None  # (T, S)
-        # For one token NumPy's per-call overhead dominates the small ops; the backend's kernels avoid it.
-        norm = backend.rms_norm if T == 1 else rms_norm
+        norm = backend.rms_norm  # one compiled pass where NumPy makes several (and, for one token, pays per call)
         for i, layer in enumerate(self.layers):
             h = norm(x, layer.input_layernorm, cfg.rms_norm_eps)
             x = x + self._attention(i, layer, h, cache, cos, sin, mask)
@@ -205,8 +206,7 @@ class LanguageModel:
         q = q.reshape(T, Hq, Dh).transpose(1, 0, 2)  # (T, Hq*Dh) -> (Hq, T, Dh)
         k = k.reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, Hkv*Dh) -> (Hkv, T, Dh)
         v = v.reshape(T, Hkv, Dh).transpose(1, 0, 2)  # (T, Hkv*Dh) -> (Hkv, T, Dh)
-        rotate = backend.apply_rope if T == 1 else apply_rope
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = backend.apply_rope(q, cos, sin), backend.apply_rope(k, cos, sin)
         cache.write(i, k, v)
         scale = Dh ** -0.5
         if T == 1 and isinstance(layer.o_proj, QuantizedMatrix):  # one query: a kernel reads the cache in place

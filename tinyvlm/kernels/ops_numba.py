@@ -1,8 +1,10 @@
-"""Numba kernels for the non-matmul ops: decode's RMSNorm, RoPE and one-query attention; the vision tower's
-softmax, quick-GELU and LayerNorm; the projector's exact GELU.
+"""Numba kernels for the non-matmul ops: the LLM's RMSNorm, RoPE and SiLU-times-up, decode's one-query
+attention; the vision tower's softmax, quick-GELU and LayerNorm; the projector's exact GELU.
 
 Each kernel's test oracle is its NumPy reference: norm.rms_norm, norm.layer_norm, rope.apply_rope,
-attention.grouped_attention, attention.softmax, activations.quick_gelu, activations.gelu. For one token RMSNorm and RoPE do
+attention.grouped_attention, attention.softmax, activations.quick_gelu, activations.gelu, activations.silu.
+Over a 192-token prompt they also beat NumPy (per call, MobileLLaMA-1.4B shapes: RoPE 0.69 -> 0.22 ms,
+RMSNorm 0.48 -> 0.11 ms), since NumPy passes over memory several times and allocates each time. For one token RMSNorm and RoPE do
 little arithmetic, and NumPy spends most of their time in per-call overhead (a temporary and a dispatch for
 every step); a compiled loop does the same work in one call, on one thread (a parallel launch costs more
 than the work). Attention over the cache reads every cached key and value, and runs in parallel over query
@@ -243,3 +245,40 @@ def gelu_(z: np.ndarray) -> np.ndarray:
     not vectorized but skips the series' passes over memory."""
     _gelu_(z.reshape(-1, z.shape[-1]))  # (..., N) -> (R, N), a view
     return z
+
+
+@numba.njit(fastmath=_FAST, cache=True, error_model="numpy")
+def _silu_mul_(gate: np.ndarray, up: np.ndarray) -> None:
+    """gate = gate * sigmoid(gate) * up = gate / (1 + exp(-gate)) * up, in place, gate and up (T, F)."""
+    rows, n = gate.shape
+    for i in range(rows):
+        for j in range(n):
+            g = gate[i, j]
+            gate[i, j] = g / (np.float32(1) + _exp(-g)) * up[i, j]
+
+
+@numba.njit(fastmath=_FAST, cache=True, error_model="numpy")
+def _swiglu_(y: np.ndarray, n: int) -> None:
+    """y[:, :n] = silu(y[:, :n]) * y[:, n:] in place, y (T, 2n) C-contiguous.
+
+    One C-contiguous array rather than its two halves: Numba types a half as strided, and its loop then runs
+    scalar (3.1 ms instead of 0.43 ms at (192, 5632))."""
+    for i in range(y.shape[0]):
+        for j in range(n):
+            g = y[i, j]
+            y[i, j] = g / (np.float32(1) + _exp(-g)) * y[i, n + j]
+
+
+def silu_mul_(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gate = activations.silu(gate) * up in place for C-contiguous float32 gate and up (T, F); returns gate.
+    SwiGLU's elementwise step, one pass instead of NumPy's four."""
+    _silu_mul_(gate, up)
+    return gate
+
+
+def swiglu_(y: np.ndarray) -> np.ndarray:
+    """silu_mul_ for gate and up stacked in one C-contiguous float32 y (T, 2F) = [gate | up]; the result is
+    written over the gate half, which is returned: a (T, F) view of y."""
+    n = y.shape[1] // 2
+    _swiglu_(y, n)
+    return y[:, :n]
