@@ -218,7 +218,30 @@ def gguf_decode_bytes(path: Path) -> int:
 
 # ---------------------------------------------------------------- PyTorch + transformers
 
-class Torch:
+class TransformersEngine:
+    """prefill/step for a transformers causal LM: subclasses set self.torch and self.model; the KV cache is
+    the model's own (past_key_values), dropped at each prefill."""
+
+    torch: Any
+    model: Any
+    past: Any = None
+
+    def _run(self, ids: list[int]) -> int:
+        with self.torch.inference_mode():
+            out = self.model(input_ids=self.torch.tensor([ids]), past_key_values=self.past, use_cache=True,
+                             logits_to_keep=1)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def prefill(self, ids: list[int]) -> int:
+        self.past = None
+        return self._run(ids)
+
+    def step(self, token: int) -> int:
+        return self._run([token])
+
+
+class Torch(TransformersEngine):
     def __init__(self, threads: int) -> None:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -234,22 +257,6 @@ class Torch:
         self.torch = torch
         self.model = LlamaForCausalLM(config).to(torch.float32).eval()
         self.weight_bytes = 4 * llm_matrix_params(cfg)
-        self.past: Any = None
-
-    def _run(self, ids: list[int]) -> int:
-        torch = self.torch
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.past, use_cache=True,
-                             logits_to_keep=1)
-        self.past = out.past_key_values
-        return int(out.logits[0, -1].argmax())
-
-    def prefill(self, ids: list[int]) -> int:
-        self.past = None
-        return self._run(ids)
-
-    def step(self, token: int) -> int:
-        return self._run([token])
 
 
 # ---------------------------------------------------------------- the read ceiling

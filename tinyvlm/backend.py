@@ -14,7 +14,7 @@ Dense float32 weights always go to BLAS (numpy @), which is already as fast as a
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from types import ModuleType
 
 import numpy as np
 
@@ -89,31 +89,33 @@ def linear_split(x: np.ndarray, fused: list[np.ndarray | QuantizedMatrix], sizes
     return np.split(y, np.cumsum(sizes)[:-1], axis=-1)
 
 
+def _numba_ops() -> ModuleType | None:
+    """tinyvlm.kernels.ops_numba when the numba backend is in use (compiled or loaded on first use), else None."""
+    if get_backend() != "numba":
+        return None
+    from tinyvlm.kernels import ops_numba
+
+    return ops_numba
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm over the last axis of float32 x (..., D) (reference: kernels/norm.py)."""
-    if get_backend() == "numba":
-        from tinyvlm.kernels import ops_numba
-
-        return ops_numba.rms_norm(x, weight, eps)
-    return norm.rms_norm(x, weight, eps)
+    ops = _numba_ops()
+    return ops.rms_norm(x, weight, eps) if ops else norm.rms_norm(x, weight, eps)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate-half RoPE of x (H, T, Dh) with cos/sin (T, Dh/2) (reference: kernels/rope.py)."""
-    if get_backend() == "numba":
-        from tinyvlm.kernels import ops_numba
-
-        return ops_numba.apply_rope(x, cos, sin)
-    return rope.apply_rope(x, cos, sin)
+    ops = _numba_ops()
+    return ops.apply_rope(x, cos, sin) if ops else rope.apply_rope(x, cos, sin)
 
 
 def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, scale: float) -> np.ndarray:
     """One query's attention over a layer's cache: q (Hq, Dh); keys, values (S_max, Hkv, Dh), of which the
     first `length` positions count. Returns (Hq, Dh) (reference: kernels/attention.py)."""
-    if get_backend() == "numba":
-        from tinyvlm.kernels import ops_numba
-
-        return ops_numba.decode_attention(q, keys, values, length, scale)
+    ops = _numba_ops()
+    if ops:
+        return ops.decode_attention(q, keys, values, length, scale)
     k, v = keys[:length].transpose(1, 0, 2), values[:length].transpose(1, 0, 2)  # (Hkv, S, Dh) views
     return attention.grouped_attention(q[:, None], k, v, scale)[:, 0]
 
@@ -121,53 +123,47 @@ def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length
 def softmax_(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis of a C-contiguous float32 x with no -inf entries, in place; returns x
     (reference: kernels/attention.py)."""
-    if get_backend() == "numba":
-        from tinyvlm.kernels import ops_numba
-
-        return ops_numba.softmax_(x)
-    return attention.softmax(x, out=x)
+    ops = _numba_ops()
+    return ops.softmax_(x) if ops else attention.softmax(x, out=x)
 
 
-def _activation_(z: np.ndarray, kernel: str, reference: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """z = reference(z) in place, by ops_numba.<kernel> on the numba backend; returns z."""
-    if get_backend() == "numba":
-        from tinyvlm.kernels import ops_numba
-
-        return getattr(ops_numba, kernel)(z)
-    z[...] = reference(z)
+def _activation_(z: np.ndarray, name: str) -> np.ndarray:
+    """z = activations.<name>(z) in place, by ops_numba.<name>_ on the numba backend; returns z."""
+    ops = _numba_ops()
+    if ops:
+        return getattr(ops, name + "_")(z)
+    z[...] = getattr(activations, name)(z)
     return z
 
 
 def quick_gelu_(z: np.ndarray) -> np.ndarray:
     """z = CLIP's z * sigmoid(1.702 z) in place for C-contiguous float32 z; returns z
     (reference: kernels/activations.py)."""
-    return _activation_(z, "quick_gelu_", activations.quick_gelu)
-
-
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
-    """out = LayerNorm over the last axis of C-contiguous float32 x (..., D), out of x's shape and not x itself;
-    returns out (reference: kernels/norm.py)."""
-    if get_backend() == "numba":
-        from tinyvlm.kernels import ops_numba
-
-        return ops_numba.layer_norm(x, weight, bias, eps, out)
-    out[...] = norm.layer_norm(x, weight, bias, eps)
-    return out
+    return _activation_(z, "quick_gelu")
 
 
 def gelu_(z: np.ndarray) -> np.ndarray:
     """z = the exact (erf) GELU of z in place, for C-contiguous float32 z; returns z
     (reference: kernels/activations.py)."""
-    return _activation_(z, "gelu_", activations.gelu)
+    return _activation_(z, "gelu")
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
+    """out = LayerNorm over the last axis of C-contiguous float32 x (..., D), out of x's shape and not x itself;
+    returns out (reference: kernels/norm.py)."""
+    ops = _numba_ops()
+    if ops:
+        return ops.layer_norm(x, weight, bias, eps, out)
+    out[...] = norm.layer_norm(x, weight, bias, eps)
+    return out
 
 
 def silu_mul_(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """gate = silu(gate) * up in place, C-contiguous float32 (T, F) each; returns gate
     (reference: kernels/activations.py)."""
-    if get_backend() == "numba":
-        from tinyvlm.kernels import ops_numba
-
-        return ops_numba.silu_mul_(gate, up)
+    ops = _numba_ops()
+    if ops:
+        return ops.silu_mul_(gate, up)
     gate[...] = activations.silu(gate) * up
     return gate
 
@@ -175,10 +171,9 @@ def silu_mul_(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 def swiglu_(y: np.ndarray) -> np.ndarray:
     """silu(gate) * up for y = [gate | up] (T, 2F) C-contiguous float32, written over the gate half, which is
     returned as a (T, F) view (reference: kernels/activations.py)."""
-    if get_backend() == "numba":
-        from tinyvlm.kernels import ops_numba
-
-        return ops_numba.swiglu_(y)
+    ops = _numba_ops()
+    if ops:
+        return ops.swiglu_(y)
     F = y.shape[1] // 2
     y[:, :F] = activations.silu(y[:, :F]) * y[:, F:]
     return y[:, :F]

@@ -179,16 +179,15 @@ class LanguageModel:
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # (T, Dh/2) each
         # Query t (position pos+t) may see keys 0 .. pos+t: -inf above that diagonal.
         mask = np.triu(np.full((T, pos + T), -np.inf, dtype=np.float32), k=pos + 1) if T > 1 else None  # (T, S)
-        norm = backend.rms_norm  # one compiled pass where NumPy makes several (and, for one token, pays per call)
         for i, layer in enumerate(self.layers):
-            h = norm(x, layer.input_layernorm, cfg.rms_norm_eps)
+            h = backend.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps)
             x = x + self._attention(i, layer, h, cache, cos, sin, mask)
-            h = norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps)
+            h = backend.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps)
             x = x + _mlp(layer, h)
         cache.advance(T)
         if not all_logits:
             x = x[-1:]  # (T, D) -> (1, D): only the last position's logits are needed
-        logits = linear(norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)  # (T, D) -> (T, V)
+        logits = linear(backend.rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)  # (T, D) -> (T, V)
         return logits if all_logits else logits[0]
 
     def _attention(self, i: int, layer: _Layer, x: np.ndarray, cache: KVCache, cos: np.ndarray,

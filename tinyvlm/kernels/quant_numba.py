@@ -31,6 +31,8 @@ threads were starved (matmul 5632 x 2048, T = 192, 2 threads: ~1 s instead of ~3
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from tinyvlm.kernels import _numba
@@ -193,11 +195,17 @@ def column_order(qm: QuantizedMatrix) -> np.ndarray:
     loops run linearly over bytes and columns.
     """
     n_in = qm.shape[1]
-    if qm.kind == "q8_0":
-        return np.arange(n_in)
+    return np.arange(n_in) if qm.kind == "q8_0" else _nibble_order(n_in)
+
+
+@functools.cache
+def _nibble_order(n_in: int) -> np.ndarray:
+    """column_order of a q4 matrix with n_in inputs, computed once per width (matmul asks on every call)."""
     byte = np.arange(n_in // 2)
     low = (byte >> 4) * GROUP + (byte & 15)  # (in/2,): the element of each byte's low nibble
-    return np.concatenate([low, low + 16])
+    order = np.concatenate([low, low + 16])
+    order.flags.writeable = False  # shared by every caller
+    return order
 
 
 def dequantize_rows(qm: QuantizedMatrix, row0: int, w: np.ndarray) -> None:
@@ -213,8 +221,9 @@ def dequantize_rows(qm: QuantizedMatrix, row0: int, w: np.ndarray) -> None:
 def matmul(x: np.ndarray, qm: QuantizedMatrix, tile_rows: int = TILE_ROWS) -> np.ndarray:
     """y = x @ dequantize(qm).T: x (T, in) -> (T, out), float32, tile by tile. Oracle: quant.matmul_ref."""
     out, n_in = qm.shape
-    order = column_order(qm)
-    x = np.ascontiguousarray(x[:, order] if qm.kind != "q8_0" else x, dtype=np.float32)  # (T, in), tile order
+    if qm.kind != "q8_0":
+        x = x[:, column_order(qm)]  # (T, in) in the tile's column order
+    x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.empty((x.shape[0], out), dtype=np.float32)
     tile = np.empty((min(tile_rows, out), n_in), dtype=np.float32)  # (R, in)
     for row0 in range(0, out, tile_rows):
