@@ -14,14 +14,13 @@ On x86-64 CPUs with AVX-512, LLVM's tuning for Intel server cores ("prefer-256-b
 256-bit registers only; numba is told to use the full 512 bits (NUMBA_CPU_FEATURES = the host's
 features + "-prefer-256-bit"), unless the user set NUMBA_CPU_FEATURES or NUMBA_CPU_NAME. On the
 reference VM (Sapphire Rapids class) this made the q4 decode matvec over MobileLLaMA-1.4B's matrices
-about 14% faster (13.0 -> 14.9 GB/s) when freshly compiled. Loaded from numba's on-disk cache, the same
-machine code (byte for byte) measured 12-15% slower in the same process, and so only a little faster than
-the 256-bit build; the cause was not found. What is known: only parallel (prange) kernels show it (a serial
-copy of the same matvec runs at the same speed either way), with 1 thread as with 2, and outside this
-package too. A fresh process runs the parallel loop body from its own, first compilation (the same
-instructions up to register choice, placed elsewhere), not the copy in the linked library that the cache
-stores; a sampling profile (perf, cpu-clock) puts most of the extra time in the row-touching loads
-(_touch_row in quant_numba). Other CPUs (ARM64, AVX2-only x86) are left alone.
+about 14% faster (13.0 -> 14.9 GB/s) when freshly compiled. Loaded from numba's on-disk cache, that
+kernel then measured 12-15% slower than a fresh compile of the same source, in the same process. Only
+parallel (prange) kernels showed it, with 1 thread as with 2; a fresh process runs the parallel loop body
+from its own first compilation, placed elsewhere in memory, not the copy the cache stores, and a sampling
+profile put the extra time in the loads that touched each row before its dot product. Since those loads
+became prefetch hints for a row ahead (quant_numba), cached and fresh kernels measure the same.
+Other CPUs (ARM64, AVX2-only x86) are left alone.
 """
 from __future__ import annotations
 

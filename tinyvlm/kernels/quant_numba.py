@@ -1,8 +1,9 @@
 """Numba kernels for quantized linear layers: fused-dequantization matvec (decode), tiled matmul (prefill).
 
 Each kernel's test oracle is its NumPy reference in quant.py (matvec_ref, matmul_ref, dequantize).
-Plain Numba only (no intrinsics), so the same code compiles on x86-64 and ARM64; `cache=True`, so a
-second start loads the machine code from __pycache__ instead of recompiling.
+Plain Numba (no CPU-specific intrinsics), so the same code compiles on x86-64 and ARM64; the one LLVM
+intrinsic used, the target-independent llvm.prefetch, lowers to prefetcht0 on x86-64 and prfm on ARM64.
+`cache=True`, so a second start loads the machine code from __pycache__ instead of recompiling.
 
 Decode (x is one token): one pass over the weight bytes per output row, dequantization fused into the
 dot product. Per group g of row o, with lo/hi the two nibbles of a byte and m the group offset
@@ -10,13 +11,17 @@ dot product. Per group g of row o, with lo/hi the two nibbles of a byte and m th
     y[o] = sum_g d[o,g] * sum_j (lo_j x_j + hi_j x_{j+16}) + sum_g m[o,g] * sum(x in group g)
 with sum(x in group g) computed once per call. The nibbles are split in float32 (hi = floor(b / 16),
 lo = b - 16 hi) and the scale is looked up per byte (d[o, j >> 4]) in one flat loop over the row: the
-form LLVM vectorizes. Each row's cache lines are touched first (_touch_row). Measured on a 2-core
-Sapphire Rapids VM, one thread, weights streamed from memory (benchmarks/bench_kernels.py):
-    this kernel                                                  ~7.5 GB/s   (q4_0, 5632 x 2048; ceiling 16.7)
-    without _touch_row                                           ~2.7 GB/s
-    a per-group inner loop with a sum per group                  ~5x slower  (a horizontal add per 32 weights)
-    int8 activations + integer dot products (as llama.cpp does)  ~2x slower  (Numba widens the products to int64)
+form LLVM vectorizes. While row o is multiplied, row o + PREFETCH_ROWS is prefetched. Measured on a 2-core
+Sapphire Rapids VM, weights streamed from memory (benchmarks/bench_kernels.py; q4_0, 5632 x 2048):
+    this kernel                                     ~9.2 GB/s on 1 thread, ~19.5 on 2  (read ceiling 16 / 32)
+    touching each row's lines with loads first      ~7.3 / ~12.8; and 12-15% slower again when loaded from
+                                                    numba's cache than freshly compiled (see _numba.py)
+    neither touching nor prefetching                ~2.7 on 1 thread
+    a per-group inner loop with a sum per group     ~5x slower  (a horizontal add per 32 weights)
+    int8 activations + integer dot products         ~2x slower  (Numba widens the products to int64: vpmuldq)
     (lo - 8), (hi - 8) in the loop instead of the sum(x) term    ~12% slower
+    b x_lo + hi (x_hi - 16 x_lo), one operation fewer per 16 bytes: ~10% faster, not taken: its
+        cancellation error is bounded only relative to 255 |d| |x|, not to the weights' magnitudes
 Float32 error: the two terms cancel where w' is near 0, so it is bounded relative to
 sum |x| (|d q| + |m|) rather than sum |x||w'| (tests/test_quant.py states it); both are orders of
 magnitude below the quantization error itself.
