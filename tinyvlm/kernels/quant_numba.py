@@ -75,8 +75,10 @@ def _prefetch(typingctx, a, i, j):
         pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
         i32 = ir.IntType(32)
         prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]), "llvm.prefetch.p0")
-        # rw = 0 (read), locality = 3 (keep in every cache level), cache type = 1 (data)
+            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]), "llvm.prefetch")
+        # rw = 0 (read), locality = 3 (keep in every cache level), cache type = 1 (data). LLVM's parser upgrades the
+        # name without a pointer-type suffix to its own mangling (llvm.prefetch.p0 on LLVM 22); the kernels pass
+        # their tests with numba 0.59 (LLVM 14) and 0.68 (LLVM 22)
         builder.call(prefetch, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
