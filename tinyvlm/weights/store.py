@@ -79,8 +79,12 @@ class TensorStore:
         """
         raw = self._raw(name)
         if raw.dtype == "BF16":
-            # bf16 is the top half of a float32: put the 16 bits there and reinterpret
-            return (raw.data.astype(np.uint32, order="C") << 16).view(np.float32)
+            # bf16 is the top half of a float32: put the 16 bits there and reinterpret. In place with a uint32
+            # shift count, so that a 0-d tensor stays a uint32 array on NumPy 1.x too (`<< 16` made it an int64
+            # scalar there, which cannot be viewed as float32)
+            bits = raw.data.astype(np.uint32, order="C")
+            np.left_shift(bits, np.uint32(16), out=bits)
+            return bits.view(np.float32)
         if raw.dtype in FLOAT_TAGS:
             if raw.data.dtype == np.float32 and raw.data.flags.c_contiguous:
                 return raw.data
