@@ -38,8 +38,6 @@ loop and starve OpenBLAS's threads. Dequantizing a whole matrix in parallel, the
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from tinyvlm.kernels import _numba
@@ -235,18 +233,17 @@ def column_order(qm: QuantizedMatrix) -> np.ndarray:
     q8_0: the natural order. matmul permutes x's columns to match once per call, so that the dequantization
     loops run linearly over bytes and columns.
     """
-    n_in = qm.shape[1]
-    return np.arange(n_in) if qm.kind == "q8_0" else _nibble_order(n_in)
+    columns = np.arange(qm.shape[1])[None]  # (1, in)
+    return (columns if qm.kind == "q8_0" else _nibble_order(columns))[0]
 
 
-@functools.cache
-def _nibble_order(n_in: int) -> np.ndarray:
-    """column_order of a q4 matrix with n_in inputs, computed once per width."""
-    byte = np.arange(n_in // 2)
-    low = (byte >> 4) * GROUP + (byte & 15)  # (in/2,): the element of each byte's low nibble
-    order = np.concatenate([low, low + 16])
-    order.flags.writeable = False  # shared by every caller
-    return order
+def _nibble_order(x: np.ndarray) -> np.ndarray:
+    """x (T, in) with its columns in q4 nibble order, as a new C-contiguous array: for each group of 32, its
+    first 16 columns, then (after all groups) the other 16. A reshape copy: 2-3x faster than fancy indexing
+    (192 x 2048: 0.17 ms instead of 0.38)."""
+    T, n_in = x.shape
+    halves = x.reshape(T, n_in // GROUP, 2, GROUP // 2).transpose(0, 2, 1, 3)  # (T, 2, G, 16) view
+    return np.ascontiguousarray(halves).reshape(T, n_in)
 
 
 def dequantize_rows(qm: QuantizedMatrix, row0: int, w: np.ndarray) -> None:
@@ -263,10 +260,7 @@ def matmul(x: np.ndarray, qm: QuantizedMatrix, tile_rows: int = TILE_ROWS) -> np
     """y = x @ dequantize(qm).T: x (T, in) -> (T, out), float32, tile by tile. Oracle: quant.matmul_ref."""
     out, n_in = qm.shape
     x = np.asarray(x, dtype=np.float32)
-    if qm.kind != "q8_0":  # (T, in) in the tile's column order: for each group, its first 16 columns, then the rest
-        x = x.reshape(-1, n_in // GROUP, 2, GROUP // 2).transpose(0, 2, 1, 3)  # (T, 2, G, 16) view
-        # the reshape copies: 2-3x faster than x[:, column_order(qm)] (192 x 2048: 0.17 ms instead of 0.38)
-    x = np.ascontiguousarray(x).reshape(-1, n_in)
+    x = np.ascontiguousarray(x) if qm.kind == "q8_0" else _nibble_order(x)  # (T, in) in the tile's column order
     y = np.empty((x.shape[0], out), dtype=np.float32)
     tile = np.empty((min(tile_rows, out), n_in), dtype=np.float32)  # (R, in)
     for row0 in range(0, out, tile_rows):
