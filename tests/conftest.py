@@ -16,6 +16,37 @@ os.environ["HF_HUB_CACHE"] = _EMPTY_HF
 os.environ.pop("TINYVLM_MODEL", None)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test module runs once per backend (numpy, and numba where it imports), unless it sets
+    BACKEND_FREE = True because nothing in it runs a model. Module scope: a module's model fixtures are built
+    once per backend."""
+    if "backend_name" in metafunc.fixturenames and not getattr(metafunc.module, "BACKEND_FREE", False):
+        from tinyvlm.kernels import _numba
+
+        names = ["numpy", "numba"] if _numba.available() else ["numpy"]
+        metafunc.parametrize("backend_name", names, scope="module", indirect=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backend_name(request: pytest.FixtureRequest):
+    """The backend this module's tests run on, also set as TINYVLM_BACKEND for tinyvlm.load and subprocesses."""
+    name = getattr(request, "param", None)
+    with pytest.MonkeyPatch.context() as patch:
+        if name is not None:
+            patch.setenv("TINYVLM_BACKEND", name)
+        from tinyvlm.backends import default_name
+
+        yield default_name()
+
+
+@pytest.fixture(scope="module")
+def backend(backend_name: str):
+    """A backend object of this module's backend (for building model parts directly)."""
+    from tinyvlm.backends import make
+
+    return make(backend_name)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -20,8 +20,12 @@ from tinyvlm.errors import ConfigError, WeightsError
 from tinyvlm.kernels import quant as kq
 from tinyvlm.language import language_expected_shapes
 from tinyvlm.weights import gguf_quants
-from tinyvlm.weights.gguf import GGUFFile, read_gguf, to_float32, to_quantized
-from tinyvlm.weights.names import LLAMA_NAMES, hf_name, permute_qk, text_config_from_gguf, unpermute_qk
+from tinyvlm.loading.gguf import to_quantized
+from tinyvlm.weights.gguf import GGUFFile, read_gguf, to_float32
+from tinyvlm.config import text_config_from_gguf
+from tinyvlm.weights.names import LLAMA_NAMES, hf_name, permute_qk, unpermute_qk
+
+BACKEND_FREE = True  # no model runs here: the GGUF reader, its quant blocks and name tables
 
 QT = gguf.GGMLQuantizationType
 # Byte offsets of the float16 scales in each block type: random bytes there would be inf/NaN scales.

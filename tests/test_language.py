@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from tinyvlm.cache import KVCache
+from tinyvlm.backends import Backend, make
 from tinyvlm.config import TextConfig
 from tinyvlm.errors import PromptError, WeightsError
 from tinyvlm.kernels import rope_tables
@@ -22,8 +22,9 @@ CHUNK_RTOL = 1e-5
 CASES = {"mha": dict(kv=4, tie=False), "gqa": dict(kv=2, tie=False), "tied": dict(kv=4, tie=True)}
 
 
-def tiny_llama(kv: int, tie: bool, seed: int = 0) -> tuple[LlamaForCausalLM, LanguageModel]:
-    """A random 2-layer LLaMA in transformers and the same weights in tinyvlm.
+def tiny_llama(kv: int, tie: bool, seed: int = 0, backend: Backend | None = None) -> tuple[LlamaForCausalLM,
+                                                                                             LanguageModel]:
+    """A random 2-layer LLaMA in transformers and the same weights in tinyvlm (on `backend`, default: the module's).
 
     initializer_range 0.1 gives logits with std ~1.1, so greedy choices are not near-ties.
     """
@@ -41,12 +42,12 @@ def tiny_llama(kv: int, tie: bool, seed: int = 0) -> tuple[LlamaForCausalLM, Lan
         hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv, intermediate_size=256,
         vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=tie,
     )
-    return ref, LanguageModel(cfg, weights)
+    return ref, LanguageModel(cfg, weights, backend or make())
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def models(request: pytest.FixtureRequest) -> tuple[LlamaForCausalLM, LanguageModel]:
-    return tiny_llama(**CASES[request.param])
+def models(request: pytest.FixtureRequest, backend: Backend) -> tuple[LlamaForCausalLM, LanguageModel]:
+    return tiny_llama(**CASES[request.param], backend=backend)
 
 
 def prompt(n: int = 20, seed: int = 1) -> np.ndarray:
@@ -152,9 +153,9 @@ def test_weight_problems_listed_together() -> None:
     del weights["model.layers.1.mlp.up_proj.weight"]
     weights["model.norm.weight"] = np.ones(64, dtype=np.float32)
     with pytest.raises(WeightsError) as err:
-        LanguageModel(lm.cfg, weights)
-    assert "missing model.layers.1.mlp.up_proj.weight (256, 128)" in str(err.value)
-    assert "model.norm.weight has shape (64,), expected (128,)" in str(err.value)
+        LanguageModel(lm.cfg, weights, lm.bk)
+    assert "missing (1): model.layers.1.mlp.up_proj.weight" in str(err.value)
+    assert "wrong shape (1): model.norm.weight (file [64], expected [128])" in str(err.value)
 
 
 @pytest.mark.parametrize("head_dim, n_pos, theta", [(32, 256, 1e4), (64, 2048, 1e4), (80, 2048, 1e4), (64, 4096, 5e5)])
@@ -166,27 +167,3 @@ def test_rope_tables_match_transformers(head_dim: int, n_pos: int, theta: float)
     # torch's float32 cos/sin are not correctly rounded; ours are, so they differ by at most 1 ulp (6e-8 at 1.0).
     np.testing.assert_allclose(np.concatenate([cos, cos], 1), cos_ref[0].numpy(), rtol=0, atol=6e-8)
     np.testing.assert_allclose(np.concatenate([sin, sin], 1), sin_ref[0].numpy(), rtol=0, atol=6e-8)
-
-
-def test_kv_cache_positions() -> None:
-    cache = KVCache(n_layers=2, n_kv_heads=3, max_len=6, head_dim=4)
-    assert cache.k.shape == (2, 6, 3, 4) and cache.k.dtype == np.float32 and cache.free == 6
-    chunk = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)  # (Hkv, T, Dh)
-    cache.write(1, chunk, -chunk)
-    np.testing.assert_array_equal(cache.keys(1), chunk)
-    np.testing.assert_array_equal(cache.values(1), -chunk)
-    cache.advance(4)
-    assert (cache.pos, cache.free) == (4, 2)
-    cache.write(1, chunk[:, :2] + 100, chunk[:, :2])
-    assert cache.keys(1).shape == (3, 6, 4)
-    np.testing.assert_array_equal(cache.keys(1)[:, 4:], chunk[:, :2] + 100)
-    cache.advance(2)
-    with pytest.raises(PromptError, match=r"1 tokens at position 6 do not fit the context of 6 \(0 free\)"):
-        cache.write(0, chunk[:, :1], chunk[:, :1])
-    cache.truncate(3)
-    assert cache.keys(0).shape == (3, 3, 4) and cache.free == 3
-    with pytest.raises(PromptError, match="holds 3 tokens"):
-        cache.truncate(5)
-    cache.reset()
-    assert cache.pos == 0 and cache.keys(0).shape == (3, 0, 4)
-    assert KVCache(1, 1, 2, 2, dtype=np.float16).v.dtype == np.float16

@@ -16,6 +16,8 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from tinyvlm.errors import ImageError
 from tinyvlm.processor import CLIP_MEAN, CLIP_STD, PAD_COLOR, expand_to_square, load_image, preprocess
 
+BACKEND_FREE = True  # no model runs here: kernels, files and text only
+
 TOL = 1e-5  # max abs difference of normalised pixels
 
 

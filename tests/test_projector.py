@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tinyvlm.backends import Backend
 from tinyvlm.config import ProjectorConfig
 from tinyvlm.errors import ConfigError, WeightsError
 from tinyvlm.projector import build_projector, projector_expected_shapes, se_width
@@ -43,9 +44,9 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.mark.parametrize("kind", ["ldpnet", "ldpnetv2"])
 @pytest.mark.parametrize("c_in, d", [(64, 128), (128, 128), (128, 96), (64, 76)])
-def test_matches_torch(kind: str, c_in: int, d: int) -> None:
+def test_matches_torch(kind: str, c_in: int, d: int, backend: Backend) -> None:
     oracle, weights = make(kind, c_in, d)
-    proj = build_projector(ProjectorConfig(kind, c_in, d), weights)
+    proj = build_projector(ProjectorConfig(kind, c_in, d), weights, backend)
     x = np.random.default_rng(1).standard_normal((576, c_in)).astype(np.float32)
     ours, ref = proj(x), run_torch(oracle, x)
     assert ours.shape == ref.shape == (144, d) and ours.dtype == np.float32
@@ -59,18 +60,18 @@ def _transposed_tokens(x: np.ndarray, side: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["ldpnet", "ldpnetv2"])
-def test_hw_swap_is_detected(kind: str) -> None:
+def test_hw_swap_is_detected(kind: str, backend: Backend) -> None:
     """A swapped grid still runs; with asymmetric 3x3 kernels it must give clearly different tokens."""
     oracle, weights = make(kind, 64, 128, seed=3)
     x = np.random.default_rng(2).standard_normal((576, 64)).astype(np.float32)
-    ours = build_projector(ProjectorConfig(kind, 64, 128), weights)(x)
+    ours = build_projector(ProjectorConfig(kind, 64, 128), weights, backend)(x)
     swapped = _transposed_tokens(run_torch(oracle, _transposed_tokens(x, 24)), 12)
     assert rel_err(ours, run_torch(oracle, x)) <= REL_TOL
     assert rel_err(ours, swapped) > 100 * REL_TOL
     # symmetric kernels (w == w^T per channel) make the swap invisible: that is what the test above relies on
     sym = {k: (v + v.transpose(0, 1, 3, 2)) / 2 if v.shape[-2:] == (3, 3) else v for k, v in weights.items()}
     oracle.load_state_dict({k: torch.from_numpy(v) for k, v in sym.items()})
-    ours_sym = build_projector(ProjectorConfig(kind, 64, 128), sym)(x)
+    ours_sym = build_projector(ProjectorConfig(kind, 64, 128), sym, backend)(x)
     swapped_sym = _transposed_tokens(run_torch(oracle, _transposed_tokens(x, 24)), 12)
     assert rel_err(ours_sym, swapped_sym) <= REL_TOL
 
@@ -94,10 +95,10 @@ def test_expected_shapes_real_sizes() -> None:
         projector_expected_shapes(ProjectorConfig("mlp2x_gelu", 1024, 2048))
 
 
-def test_bad_inputs() -> None:
+def test_bad_inputs(backend: Backend) -> None:
     _, weights = make("ldpnet", 64, 96)
     cfg = ProjectorConfig("ldpnet", 64, 96)
-    proj = build_projector(cfg, weights)
+    proj = build_projector(cfg, weights, backend)
     for shape in [(575, 64), (625, 64), (576, 32), (576,), (0, 64)]:
         with pytest.raises(ValueError, match=re.escape(str(shape))):
             proj(np.zeros(shape, np.float32))
@@ -105,5 +106,6 @@ def test_bad_inputs() -> None:
     broken = dict(weights)
     del broken["model.mb_block.2.block.1.fc2.bias"]
     broken["model.mlp.3.weight"] = np.zeros((96, 64), np.float32)
-    with pytest.raises(WeightsError, match=r"fc2\.bias.*mlp\.3\.weight \(96, 64\) \(expected \(96, 96\)\)"):
-        build_projector(cfg, broken)
+    with pytest.raises(WeightsError, match=r"missing \(1\): .*fc2\.bias; wrong shape \(1\): model\.mlp\.3\.weight \(file \[96, 64\], "
+                                           r"expected \[96, 96\]\)"):
+        build_projector(cfg, broken, backend)

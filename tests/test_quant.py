@@ -24,10 +24,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyvlm import backend
 from tinyvlm.errors import TinyVLMError, WeightsError
 from tinyvlm.kernels import _numba, quant, quant_numba
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix
+
+BACKEND_FREE = True  # no model runs here: kernels, files and text only
 
 GGUF_TYPES = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -241,69 +242,7 @@ def test_threads_1_and_n_give_identical_results(kind: str) -> None:
         _numba.set_threads(before)
     assert np.array_equal(one[0], many[0]) and np.array_equal(one[1], many[1])
     with pytest.raises(TinyVLMError, match="threads must be between 1 and"):
-        _numba.set_threads(0)
-
-
-# ---------------------------------------------------------------- the backend seam
-
-@pytest.fixture
-def fresh_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forget the chosen backend for one test (monkeypatch restores the old choice afterwards)."""
-    monkeypatch.setattr(backend, "_chosen", {})
-    monkeypatch.delenv("TINYVLM_BACKEND", raising=False)
-
-
-@pytest.mark.parametrize("kind", quant.KINDS)
-def test_backends_agree(kind: str, fresh_backend: None) -> None:
-    assert backend.get_backend() == "numba"  # numba is installed in the test environment
-    qm = quant.quantize(make_weight("normal", 40, 128, seed=7), kind)
-    dense = quant.dequantize(qm)
-    for x in (make_weight("normal", 1, 128, seed=8)[0], make_weight("normal", 6, 128, seed=9)):
-        results = {}
-        for name in backend.BACKENDS:
-            backend.set_backend(name)
-            results[name] = backend.linear(x, qm)
-            assert np.array_equal(backend.linear(x, dense), x @ dense.T)
-        assert results["numba"].shape == results["numpy"].shape
-        for a, b, row in zip(np.atleast_2d(results["numba"]), np.atleast_2d(results["numpy"]), np.atleast_2d(x)):
-            assert_close(a, b, row, qm)
-
-
-def test_backend_env_and_errors(fresh_backend: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TINYVLM_BACKEND", "numpy")
-    assert backend.get_backend() == "numpy"
-    monkeypatch.setattr(backend, "_chosen", {})
-    monkeypatch.setenv("TINYVLM_BACKEND", "cuda")
-    with pytest.raises(TinyVLMError, match="unknown backend 'cuda' from TINYVLM_BACKEND"):
-        backend.get_backend()
-    with pytest.raises(TinyVLMError, match="unknown backend 'torch' from set_backend"):
-        backend.set_backend("torch")
-
-
-def test_without_numba_everything_runs_on_numpy(fresh_backend: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_numba, "_import", lambda: (None, "simulated: no numba"))
-    assert backend.get_backend() == "numpy"
-    with pytest.raises(TinyVLMError, match="backend 'numba' from set_backend is unavailable: simulated"):
-        backend.set_backend("numba")
-    qm = quant.quantize(make_weight("normal", 3, 64, seed=10), "q4_0")
-    x = make_weight("normal", 2, 64, seed=11)
-    assert np.array_equal(backend.linear(x, qm), quant.matmul_ref(x, qm))
-    backend.set_threads(2)  # accepted, no numba involved
-
-
-def test_numba_missing_in_a_fresh_process() -> None:
-    code = (
-        "import sys; sys.modules['numba'] = None\n"  # makes `import numba` raise ImportError
-        "import numpy as np\n"
-        "from tinyvlm import backend\n"
-        "from tinyvlm.kernels import quant, _numba\n"
-        "qm = quant.quantize(np.full((4, 32), 127 / 128, np.float32), 'q8_0')  # exact: d = 1/128\n"
-        "y = backend.linear(np.ones(32, np.float32), qm)\n"
-        "print(backend.get_backend(), float(y.sum()), _numba.why_unavailable())\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    name, total, reason = result.stdout.split(" ", 2)
-    assert (name, float(total)) == ("numpy", 127.0) and "numba could not be imported" in reason
+        _numba.check_threads(0)
 
 
 def test_pack_together_keeps_values_in_one_aligned_buffer() -> None:

@@ -17,7 +17,8 @@ import torch
 
 import tinyvlm
 from tests.conftest import smollm2_path
-from tinyvlm.generate import GenerationConfig, generate_tokens
+from tinyvlm.config import GenerationConfig
+from tinyvlm.generate import generate_tokens
 
 GGUF = smollm2_path()
 PROMPT = ("<|im_start|>user\nWrite one sentence about the sea, and name two animals that live in it."
@@ -25,7 +26,7 @@ PROMPT = ("<|im_start|>user\nWrite one sentence about the sea, and name two anim
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(backend_name):
     return tinyvlm.load(GGUF)
 
 

@@ -36,7 +36,7 @@ def fixture() -> dict:
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> tinyvlm.VLM:
+def smollm2(backend_name: str) -> tinyvlm.VLM:
     return tinyvlm.load(GGUF)
 
 

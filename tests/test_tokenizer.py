@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from tinyvlm.errors import TokenizerError
 from tinyvlm.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, Tokenizer, parse_sentencepiece
 
+BACKEND_FREE = True  # no model runs here: kernels, files and text only
+
 SPECIAL_STRINGS = ("<s>", "</s>", "<unk>")  # matched as special tokens by us (legacy LlamaTokenizer), not by sp
 
 # Random text: any code point (byte fallback covers what the vocab lacks) mixed with whitespace runs,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from tinyvlm import backend
+from tinyvlm.backends import Backend
 from tinyvlm.config import VisionConfig
-from tinyvlm.errors import ConfigError, WeightsError
-from tinyvlm.vision import VisionTower, infer_vision_config, vision_expected_shapes, vision_needed_names
+from tinyvlm.errors import ConfigError, ImageError, WeightsError
+from tinyvlm.vision import VisionTower, vision_expected_shapes, vision_needed_names
 
 REL_TOL = 1e-4  # max |ours - ref| / max |ref|; measured about 8e-7
 Clip = tuple[CLIPVisionConfig, dict[str, np.ndarray], np.ndarray, tuple[np.ndarray, ...]]
@@ -55,11 +55,9 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("name", backend.BACKENDS)
-def test_select_layer_minus_2_patch(clip: Clip, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backend, "_chosen", {"name": name})  # the numba kernels (softmax_, ...) and their references
+def test_select_layer_minus_2_patch(clip: Clip, backend: Backend) -> None:
     hf_cfg, weights, pixels, hidden = clip
-    tower = VisionTower(ours_config(hf_cfg), weights)
+    tower = VisionTower(ours_config(hf_cfg), weights, backend)
     assert len(tower.layers) == 2  # 3 layers, the last never runs
     feats = tower.features(pixels)
     assert feats.shape == (576, 128) and feats.dtype == np.float32
@@ -68,27 +66,27 @@ def test_select_layer_minus_2_patch(clip: Clip, name: str, monkeypatch: pytest.M
     assert rel_err(feats, ref) <= REL_TOL
 
 
-def test_select_layer_minus_1_and_cls_patch(clip: Clip) -> None:
+def test_select_layer_minus_1_and_cls_patch(clip: Clip, backend: Backend) -> None:
     hf_cfg, weights, pixels, hidden = clip
-    feats = VisionTower(ours_config(hf_cfg, -1, "cls_patch"), weights).features(pixels)
+    feats = VisionTower(ours_config(hf_cfg, -1, "cls_patch"), weights, backend).features(pixels)
     assert feats.shape == (577, 128)
     assert rel_err(feats, hidden[-1]) <= REL_TOL
-    assert rel_err(VisionTower(ours_config(hf_cfg, -1), weights).features(pixels), hidden[-1][1:]) <= REL_TOL
+    assert rel_err(VisionTower(ours_config(hf_cfg, -1), weights, backend).features(pixels), hidden[-1][1:]) <= REL_TOL
 
 
-def test_embeddings(clip: Clip) -> None:
+def test_embeddings(clip: Clip, backend: Backend) -> None:
     hf_cfg, weights, pixels, hidden = clip
-    assert rel_err(VisionTower(ours_config(hf_cfg), weights).embed(pixels), hidden[0]) <= REL_TOL
+    assert rel_err(VisionTower(ours_config(hf_cfg), weights, backend).embed(pixels), hidden[0]) <= REL_TOL
 
 
-def test_reads_only_needed_layers(clip: Clip) -> None:
+def test_reads_only_needed_layers(clip: Clip, backend: Backend) -> None:
     hf_cfg, weights, pixels, hidden = clip
     cfg = ours_config(hf_cfg)
     needed = vision_needed_names(cfg)
     assert not any(".layers.2." in n for n in needed)
     assert "vision_model.post_layernorm.weight" not in needed
     subset = {n: weights[n] for n in needed}
-    assert rel_err(VisionTower(cfg, subset).features(pixels), hidden[-2][1:]) <= REL_TOL
+    assert rel_err(VisionTower(cfg, subset, backend).features(pixels), hidden[-2][1:]) <= REL_TOL
 
 
 def test_expected_shapes_match_transformers(clip: Clip) -> None:
@@ -105,28 +103,18 @@ def test_expected_shapes_vit_l() -> None:
     assert len(vision_needed_names(VisionConfig())) == 5 + 23 * 16
 
 
-def test_infer_vision_config(clip: Clip) -> None:
-    hf_cfg, weights, _, _ = clip
-    cfg = infer_vision_config({k: tuple(v.shape) for k, v in weights.items()})
-    assert cfg == ours_config(hf_cfg)
-    vit_l = infer_vision_config(vision_expected_shapes(VisionConfig()), select_layer=-1, select_feature="cls_patch")
-    assert vit_l == VisionConfig(select_layer=-1, select_feature="cls_patch")
-    with pytest.raises(WeightsError, match="class_embedding"):
-        infer_vision_config({})
-
-
-def test_bad_inputs(clip: Clip) -> None:
+def test_bad_inputs(clip: Clip, backend: Backend) -> None:
     hf_cfg, weights, pixels, _ = clip
     cfg = ours_config(hf_cfg)
-    tower = VisionTower(cfg, weights)
-    with pytest.raises(ValueError, match=r"\(3, 224, 224\).*\(3, 336, 336\)"):
+    tower = VisionTower(cfg, weights, backend)
+    with pytest.raises(ImageError, match=r"\(3, 224, 224\).*\(3, 336, 336\)"):
         tower.features(np.zeros((3, 224, 224), np.float32))
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ImageError, match="expected"):
         tower.features(pixels[None])
     broken = dict(weights)
     del broken["vision_model.encoder.layers.1.mlp.fc2.bias"]
     broken["vision_model.pre_layrnorm.weight"] = np.zeros(64, np.float32)
-    with pytest.raises(WeightsError, match=r"layers\.1\.mlp\.fc2\.bias.*pre_layrnorm\.weight \(64,\)"):
-        VisionTower(cfg, broken)
+    with pytest.raises(WeightsError, match=r"missing \(1\): .*layers\.1\.mlp\.fc2\.bias.*pre_layrnorm\.weight \(file \[64\]"):
+        VisionTower(cfg, broken, backend)
     with pytest.raises(ConfigError, match="select_feature"):
-        VisionTower(ours_config(hf_cfg, select_feature="cls"), weights)
+        VisionTower(ours_config(hf_cfg, select_feature="cls"), weights, backend)

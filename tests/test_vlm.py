@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 import tinyvlm
-from tinyvlm.generate import GenerationConfig, generate_tokens
+from tinyvlm.config import GenerationConfig
+from tinyvlm.generate import generate_tokens
 
 QUESTION = "What is in the image?"
 REL = 1e-4
@@ -27,7 +28,7 @@ def photo(shared_data):
 
 
 @pytest.fixture(scope="module")
-def loaded(checkpoints):
+def loaded(checkpoints, backend_name):
     return {k: tinyvlm.load(ref.path) for k, ref in checkpoints.items()}
 
 
@@ -84,7 +85,7 @@ def test_every_stage_matches_reference(name, checkpoints, loaded, photo):
     assert text == vlm.tokenizer.decode(ref.greedy(ids, ref.image_tokens(pixels), 16)).strip()
 
 
-def test_v1_uses_named_clip_tower_not_stored_copy(checkpoints, loaded):
+def test_v1_uses_named_clip_tower_not_stored_copy(checkpoints, loaded, tmp_path):
     """The V1 checkpoint stores a bf16 copy of CLIP; the official path reloads the fp32 tower it names."""
     ref, vlm = checkpoints["v1"], loaded["v1"]
     pixels = np.random.default_rng(0).standard_normal((3, 336, 336)).astype(np.float32)
@@ -94,7 +95,7 @@ def test_v1_uses_named_clip_tower_not_stored_copy(checkpoints, loaded):
         import json
 
         cfg = json.loads((ref.path / "config.json").read_text())
-        moved = ref.path.parent / "MobileVLM-tiny-moved"
+        moved = tmp_path / "MobileVLM-tiny-moved"
         moved.mkdir()
         for f in ref.path.iterdir():
             (moved / f.name).symlink_to(f)
@@ -189,7 +190,7 @@ def test_stop_strings(loaded):
 
 def test_prompt_longer_than_context(loaded):
     vlm = loaded["text"]
-    with pytest.raises(tinyvlm.TinyVLMError, match="does not fit the context of 512"):
+    with pytest.raises(tinyvlm.TinyVLMError, match="do not fit the context of 512"):
         vlm.generate("word " * 600)
 
 

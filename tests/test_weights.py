@@ -24,6 +24,8 @@ from tinyvlm.errors import ModelNotFound, WeightsError
 from tinyvlm.weights import TensorStore, is_ignorable_buffer, open_checkpoint, open_file
 from tinyvlm.weights.torch_bin import read_torch_bin
 
+BACKEND_FREE = True  # no model runs here: kernels, files and text only
+
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 

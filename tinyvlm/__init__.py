@@ -15,17 +15,22 @@ __version__ = "0.1.0"
 __all__ = ["load", "VLM", "Chat", "TinyVLMError", "__version__"]
 
 if TYPE_CHECKING:
-    from tinyvlm.loader import load
-    from tinyvlm.vlm import VLM, Chat
+    from tinyvlm.chat import Chat
+    from tinyvlm.loading import load
+    from tinyvlm.vlm import VLM
 
 
 def __getattr__(name: str) -> Any:
     if name == "load":
-        from tinyvlm.loader import load
+        from tinyvlm.loading import load
 
         return load
-    if name in ("VLM", "Chat"):
-        from tinyvlm import vlm
+    if name == "VLM":
+        from tinyvlm.vlm import VLM
 
-        return getattr(vlm, name)
+        return VLM
+    if name == "Chat":
+        from tinyvlm.chat import Chat
+
+        return Chat
     raise AttributeError(f"module 'tinyvlm' has no attribute {name!r}")

@@ -10,19 +10,17 @@ prompt made the whole 800 MB cache of MobileLLaMA-1.4B resident (prefill 0.46 s 
 """
 from __future__ import annotations
 
-import numpy as np
-
+from tinyvlm.backends import Array, Backend
 from tinyvlm.errors import PromptError
 
 
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: type[np.floating] = np.float32) -> None:
+    def __init__(self, n_layers: int, n_kv_heads: int, max_len: int, head_dim: int, backend: Backend) -> None:
         shape = (n_layers, max_len, n_kv_heads, head_dim)  # (L, S, Hkv, Dh)
-        self.k = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
+        self.k = backend.zeros(shape)  # float32, in the backend's memory
+        self.v = backend.zeros(shape)
         self.pos = 0  # tokens written and committed so far
         self._end = 0  # pos + T while a forward pass writes a chunk of T tokens, else pos
 
@@ -35,27 +33,28 @@ class KVCache:
         """Positions still available."""
         return self.max_len - self.pos
 
-    def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Store one layer's keys and values, each (Hkv, T, Dh), at positions pos .. pos+T-1."""
+    def check_room(self, n: int, what: str = "tokens") -> None:
+        """Raise PromptError unless n more positions fit: the one check that a prompt fits the context."""
+        if n > self.free:
+            raise PromptError(f"{n} {what} at position {self.pos} do not fit the context of {self.max_len} "
+                              f"({self.free} free)")
+
+    def write(self, layer: int, k: Array, v: Array) -> None:
+        """Store one layer's keys and values, each (Hkv, T, Dh), at positions pos .. pos+T-1 (check_room first)."""
         end = self.pos + k.shape[1]
-        if end > self.max_len:
-            raise PromptError(
-                f"{k.shape[1]} tokens at position {self.pos} do not fit the context of {self.max_len} "
-                f"({self.free} free)"
-            )
         self.k[layer, self.pos:end] = k.transpose(1, 0, 2)  # (Hkv, T, Dh) -> (T, Hkv, Dh)
         self.v[layer, self.pos:end] = v.transpose(1, 0, 2)
         self._end = end
 
-    def keys(self, layer: int) -> np.ndarray:
+    def keys(self, layer: int) -> Array:
         """View of this layer's keys up to the end of the chunk being written: (Hkv, pos+T, Dh), strided."""
         return self.k[layer, :self._end].transpose(1, 0, 2)
 
-    def values(self, layer: int) -> np.ndarray:
+    def values(self, layer: int) -> Array:
         """View of this layer's values up to the end of the chunk being written: (Hkv, pos+T, Dh), strided."""
         return self.v[layer, :self._end].transpose(1, 0, 2)
 
-    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def layer(self, layer: int) -> tuple[Array, Array, int]:
         """This layer's whole key and value arrays (max_len, Hkv, Dh), contiguous, and how many positions
         count (pos+T): for kernels that want contiguous memory rather than the strided views above."""
         return self.k[layer], self.v[layer], self._end

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -15,8 +16,16 @@ from tinyvlm.errors import ModelNotFound, TinyVLMError
 USAGE_EXAMPLE = "example: python -m tinyvlm chat photo.jpg --model mtgv/MobileVLM_V2-1.7B -p 'What is in the image?'"
 
 
+COMMANDS = {  # the interactive chat's slash commands
+    "/image PATH": "start over with a new image",
+    "/clear": "forget the conversation (the image stays)",
+    "/help": "list these commands",
+    "/exit": "quit (also /quit, Ctrl-D)",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    from tinyvlm.generate import GenerationConfig
+    from tinyvlm.config import GenerationConfig
 
     defaults = GenerationConfig()
     DEFAULTS = {f: getattr(defaults, f) for f in vars(defaults)}
@@ -39,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="default %(default)s")
     chat.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed for sampling")
     chat.add_argument("--quant", choices=["int4", "int8"], help="quantize the LLM's linear layers while loading")
+    chat.add_argument("--backend", choices=["numpy", "numba"],
+                      help="default: $TINYVLM_BACKEND, else numba when it is installed")
     chat.add_argument("--threads", type=int, help="threads for the Numba kernels (default: all cores)")
     chat.add_argument("--verbose", action="store_true", help="print timings and peak memory")
 
@@ -53,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _default_model() -> str:
-    from tinyvlm.hub import find_cached_models
+    from tinyvlm.loading.hub import find_cached_models
 
     env = os.environ.get("TINYVLM_MODEL")
     if env:
@@ -71,11 +82,13 @@ def _print_stats(vlm: Any) -> None:
     from tinyvlm.vlm import peak_rss_mib
 
     s = vlm.stats
-    print(
-        f"[image encode {s.image_encode_s * 1000:.0f} ms | prefill {s.prefill_tokens} tok at {s.prefill_tok_s:.1f} tok/s"
-        f" | decode {s.decode_tokens} tok at {s.decode_tok_s:.1f} tok/s | peak RSS {peak_rss_mib():.0f} MiB]",
-        file=sys.stderr,
-    )
+    parts = [] if s.image_encode_s is None else [f"image encode {s.image_encode_s * 1000:.0f} ms"]
+    if s.prefill_tokens:
+        parts.append(f"prefill {s.prefill_tokens} tok at {s.prefill_tok_s:.1f} tok/s")
+    if s.decode_tokens:
+        parts.append(f"decode {s.decode_tokens} tok at {s.decode_tok_s:.1f} tok/s")
+    parts.append(f"peak RSS {peak_rss_mib():.0f} MiB")
+    print(f"[{' | '.join(parts)}]", file=sys.stderr)
 
 
 def _stream(chat: Any, question: str, gen: dict[str, Any], verbose: bool) -> None:
@@ -93,8 +106,8 @@ def _stream(chat: Any, question: str, gen: dict[str, Any], verbose: bool) -> Non
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from tinyvlm.generate import GenerationConfig
-    from tinyvlm.loader import load
+    from tinyvlm.config import GenerationConfig
+    from tinyvlm.loading import load
     from tinyvlm.processor import load_image
 
     gen = dict(
@@ -105,14 +118,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    GenerationConfig(**gen).validate()  # bad flags fail before the slow load
+    GenerationConfig(**gen)  # bad flags fail before the slow load
     image = load_image(args.image) if args.image else None
-    if args.threads is not None:
-        from tinyvlm.backend import set_threads
-
-        set_threads(args.threads)
-    vlm = load(args.model or _default_model(), quant=args.quant, vision_tower=args.vision_tower, progress=True,
-               mmproj=args.mmproj)
+    vlm = load(args.model or _default_model(), quant=args.quant, backend=args.backend, threads=args.threads,
+               vision_tower=args.vision_tower, progress=True, mmproj=args.mmproj)
     if vlm.quant_report is not None:
         print(f"quantized {vlm.quant_report}", file=sys.stderr)
     if image is not None and vlm.vision is None:
@@ -121,8 +130,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         _stream(chat, args.prompt, gen, args.verbose)
         return 0
-    print("chat: /image PATH starts over with a new image, /clear forgets the conversation, /exit quits; "
-          "Ctrl-C stops a reply", file=sys.stderr)
+    print("chat: /help lists the commands; Ctrl-C stops a reply", file=sys.stderr)
     while True:
         try:
             line = input(">>> ").strip()
@@ -136,12 +144,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line == "/clear":
             chat.clear()
             continue
-        if line.startswith("/image"):
+        if line == "/help":
+            print("\n".join(f"  {command:<12} {what}" for command, what in COMMANDS.items()), file=sys.stderr)
+            continue
+        if line.split()[0] == "/image":
             path = line[len("/image"):].strip()
             try:
+                if not path:
+                    raise TinyVLMError("/image needs a path: /image PATH")
                 chat.clear(image=load_image(path))
             except TinyVLMError as e:
                 print(f"tinyvlm: {e}", file=sys.stderr)
+            continue
+        if re.fullmatch(r"/\w+", line.split()[0]):  # a /word that is none of the commands
+            print(f"tinyvlm: unknown command {line.split()[0]}; /help lists the commands (the conversation is "
+                  "unchanged)", file=sys.stderr)
             continue
         try:
             _stream(chat, line, gen, args.verbose)
@@ -150,10 +167,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from tinyvlm.loader import console_progress
-    from tinyvlm.quantize import save_quantized
+    from tinyvlm.loading import console_progress
+    from tinyvlm.loading.hf import quantize_dir
 
-    report = save_quantized(args.src, args.out, args.quant, progress=console_progress)
+    report = quantize_dir(args.src, args.out, args.quant, progress=console_progress)
     print(f"wrote {args.out}: {report}")
     return 0
 
@@ -178,8 +195,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tinyvlm.config import read_json
-    from tinyvlm.gguf_loader import is_gguf
-    from tinyvlm.hub import resolve_model
+    from tinyvlm.loading.gguf import is_gguf
+    from tinyvlm.loading.hub import resolve_model
     from tinyvlm.weights import open_checkpoint, open_file
 
     path = Path(args.path)

@@ -7,51 +7,16 @@ style.md (b) 7 (mlx `generate_step`): prefill once, then yield one id per step.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from tinyvlm.backends import Array
 from tinyvlm.cache import KVCache
+from tinyvlm.config import GenerationConfig
 from tinyvlm.errors import PromptError
 from tinyvlm.kernels import softmax
-
-
-@dataclass
-class GenerationConfig:
-    """Decoding settings; temperature 0 means greedy. The CLI and the Python API take their defaults from here."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0  # nucleus sampling; 1.0 = off
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    repetition_penalty: float = 1.0  # > 1 discourages ids already in the history; 1.0 = off
-    seed: int | None = None  # None draws a fresh seed from the OS
-
-    def validate(self) -> None:
-        """Raise PromptError naming the first invalid value."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise PromptError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise PromptError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise PromptError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise PromptError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
-            raise PromptError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise PromptError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return _is_int(x) or (isinstance(x, (float, np.floating)) and not math.isnan(x))
 
 
 def penalize_repetition(logits: np.ndarray, penalty: float, history: Sequence[int]) -> np.ndarray:
@@ -102,12 +67,12 @@ def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Genera
 class CausalLM(Protocol):
     """What the loop needs from a model (LanguageModel provides it)."""
 
-    def embed(self, ids: Sequence[int]) -> np.ndarray: ...
+    def embed(self, ids: Sequence[int]) -> Array: ...
 
-    def forward(self, embeds: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray: ...
+    def forward(self, embeds: Array, cache: KVCache, all_logits: bool = False) -> np.ndarray: ...
 
 
-def generate_tokens(model: CausalLM, prompt_embeds: np.ndarray, cache: KVCache, cfg: GenerationConfig, *,
+def generate_tokens(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: GenerationConfig, *,
                     stop_ids: Collection[int], history: list[int]) -> Iterator[int]:
     """Prefill `prompt_embeds` (T, D) at cache.pos, then yield one new id per step.
 
@@ -115,21 +80,17 @@ def generate_tokens(model: CausalLM, prompt_embeds: np.ndarray, cache: KVCache, 
     position left), or when a stop id is sampled; the stop id is neither yielded nor fed into the cache, so a
     chat layer that wants it in the conversation feeds it itself. Every yielded id is appended to `history`
     (which the repetition penalty reads) and fed into the cache before the next one is sampled; only the
-    last id of a run that hits max_new_tokens (or that the consumer abandons) is left unfed. Raises PromptError at once if the prompt does
-    not fit the cache or cfg is invalid.
+    last id of a run that hits max_new_tokens (or that the consumer abandons) is left unfed. Raises PromptError
+    at once if the prompt is empty or does not fit the cache.
     """
-    cfg.validate()
     n = prompt_embeds.shape[0]
     if n == 0:
         raise PromptError("the prompt is empty: generation needs at least one token to start from")
-    if n > cache.free:
-        raise PromptError(
-            f"prompt of {n} tokens does not fit the context of {cache.max_len} ({cache.free} free)"
-        )
+    cache.check_room(n, "prompt tokens")
     return _loop(model, prompt_embeds, cache, cfg, stop_ids, history)
 
 
-def _loop(model: CausalLM, prompt_embeds: np.ndarray, cache: KVCache, cfg: GenerationConfig,
+def _loop(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: GenerationConfig,
           stop_ids: Collection[int], history: list[int]) -> Iterator[int]:
     rng = np.random.default_rng(cfg.seed)
     logits = model.forward(prompt_embeds, cache)  # (T, D) -> (V,)

@@ -12,10 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tinyvlm.config import CLIP_MEAN, CLIP_STD
 from tinyvlm.errors import ImageError
-
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # expand2square fills with the mean colour in 0..255, truncated: (122, 116, 104).
 PAD_COLOR = (122, 116, 104)
 

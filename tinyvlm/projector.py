@@ -12,12 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import numpy as np
-
+from tinyvlm.backends import Array, Backend
 from tinyvlm.config import ProjectorConfig
 from tinyvlm.errors import ConfigError
-from tinyvlm.backend import gelu_
-from tinyvlm.kernels import depthwise3x3, hardsigmoid, hardswish, layer_norm
 from tinyvlm.weights.checked import read_checked
 
 LN_EPS = 1e-5  # timm LayerNormAct2d default, used by both LDP blocks
@@ -26,7 +23,7 @@ LN_EPS = 1e-5  # timm LayerNormAct2d default, used by both LDP blocks
 # Building blocks on channels-last maps [G, G, D]
 
 
-def _grid_side(features: np.ndarray, c_in: int) -> int:
+def _grid_side(features: Array, c_in: int) -> int:
     P = features.shape[0] if features.ndim == 2 else -1
     G = math.isqrt(max(P, 0))
     if features.ndim != 2 or features.shape[1] != c_in or G * G != P or G % 2 or G == 0:
@@ -36,17 +33,26 @@ def _grid_side(features: np.ndarray, c_in: int) -> int:
     return G
 
 
-def _conv1x1(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w[:, :, 0, 0])  # (out, in, 1, 1) -> (out, in)
+def _conv1x1(w: Array) -> Array:
+    return w[:, :, 0, 0]  # (out, in, 1, 1) -> (out, in)
 
 
-def _dw_kernel(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))  # (D, 1, 3, 3) -> (3, 3, D)
+def _dw_kernel(w: Array) -> Array:
+    return w[:, 0].transpose(1, 2, 0)  # (D, 1, 3, 3) -> (3, 3, D)
 
 
-def _mlp(features: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> np.ndarray:
-    h = gelu_(np.asarray(features, dtype=np.float32) @ w1.T + b1)  # (P, C) -> (P, D), activated in place
-    return h @ w2.T + b2  # (P, D) -> (P, D)
+class _MLP:
+    """Linear C -> D, exact GELU, linear D -> D: (P, C) -> (P, D)."""
+
+    def __init__(self, w: Mapping[str, Array], prefix: str, first: int, backend: Backend) -> None:
+        self.bk = backend
+        self.w1, self.b1, self.w2, self.b2 = (backend.dense(w[f"{prefix}{i}.{p}"])
+                                              for i in (first, first + 2) for p in ("weight", "bias"))
+
+    def __call__(self, features: Array) -> Array:
+        bk = self.bk
+        h = bk.gelu_(bk.linear(bk.asarray(features), self.w1, self.b1))  # (P, C) -> (P, D), activated in place
+        return bk.linear(h, self.w2, self.b2)  # (P, D) -> (P, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,41 +62,42 @@ def _mlp(features: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b
 class _InvertedResidual:
     """torchvision InvertedResidual with expand == in: dw3x3 + LN + hardswish, SE, pw1x1 + LN (mobilevlm.md 5.1)."""
 
-    def __init__(self, w: dict[str, np.ndarray], prefix: str, stride: int) -> None:
-        p = prefix + "block."
-        self.stride = stride
-        self.dw = _dw_kernel(w[p + "0.0.weight"])  # (3, 3, D)
-        self.ln1 = (w[p + "0.1.weight"], w[p + "0.1.bias"])
-        self.fc1, self.fc1_b = _conv1x1(w[p + "1.fc1.weight"]), w[p + "1.fc1.bias"]  # (S, D), (S,)
-        self.fc2, self.fc2_b = _conv1x1(w[p + "1.fc2.weight"]), w[p + "1.fc2.bias"]  # (D, S), (D,)
-        self.pw = _conv1x1(w[p + "2.0.weight"])  # (D, D)
-        self.ln2 = (w[p + "2.1.weight"], w[p + "2.1.bias"])
+    def __init__(self, w: Mapping[str, Array], prefix: str, stride: int, backend: Backend) -> None:
+        p, dense = prefix + "block.", backend.dense
+        self.bk, self.stride = backend, stride
+        self.dw = dense(_dw_kernel(w[p + "0.0.weight"]))  # (3, 3, D)
+        self.ln1 = (dense(w[p + "0.1.weight"]), dense(w[p + "0.1.bias"]))
+        self.fc1, self.fc1_b = dense(_conv1x1(w[p + "1.fc1.weight"])), dense(w[p + "1.fc1.bias"])  # (S, D), (S,)
+        self.fc2, self.fc2_b = dense(_conv1x1(w[p + "1.fc2.weight"])), dense(w[p + "1.fc2.bias"])  # (D, S), (D,)
+        self.pw = dense(_conv1x1(w[p + "2.0.weight"]))  # (D, D)
+        self.ln2 = (dense(w[p + "2.1.weight"]), dense(w[p + "2.1.bias"]))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        h = depthwise3x3(x, self.dw, self.stride)  # (G, G, D) -> (G/stride, G/stride, D)
-        h = hardswish(layer_norm(h, *self.ln1, LN_EPS))  # LayerNorm over channels
+    def __call__(self, x: Array) -> Array:
+        bk = self.bk
+        h = bk.depthwise3x3(x, self.dw, self.stride)  # (G, G, D) -> (g, g, D), g = G / stride
+        h = bk.hardswish(bk.layer_norm(h, *self.ln1, LN_EPS))  # LayerNorm over channels
         s = h.mean(axis=(0, 1))  # squeeze: (g, g, D) -> (D,)
-        s = np.maximum(self.fc1 @ s + self.fc1_b, 0.0)  # (D,) -> (S,)
-        s = hardsigmoid(self.fc2 @ s + self.fc2_b)  # (S,) -> (D,)
+        s = bk.relu(bk.linear(s, self.fc1, self.fc1_b))  # (D,) -> (S,)
+        s = bk.hardsigmoid(bk.linear(s, self.fc2, self.fc2_b))  # (S,) -> (D,)
         g, D = h.shape[0], h.shape[2]
-        h = ((h * s).reshape(g * g, D) @ self.pw.T).reshape(g, g, D)  # pointwise conv: a matmul over channels
-        h = layer_norm(h, *self.ln2, LN_EPS)
+        h = bk.linear((h * s).reshape(g * g, D), self.pw).reshape(g, g, D)  # pointwise conv: a matmul over channels
+        h = bk.layer_norm(h, *self.ln2, LN_EPS)
         return x + h if self.stride == 1 else h  # residual only where shapes match (block 1)
 
 
 class LDPProjector:
     """LDP v1: MLP (C -> D, GELU, D -> D), then inverted-residual blocks at stride 1 and 2: [P, C] -> [P/4, D]."""
 
-    def __init__(self, cfg: ProjectorConfig, w: dict[str, np.ndarray]) -> None:
-        self.cfg = cfg
-        self.mlp = [w[f"model.mlp.{i}.{p}"] for i in (1, 3) for p in ("weight", "bias")]
-        self.block1 = _InvertedResidual(w, "model.mb_block.1.", stride=1)
-        self.block2 = _InvertedResidual(w, "model.mb_block.2.", stride=2)
+    def __init__(self, cfg: ProjectorConfig, w: Mapping[str, Array], backend: Backend) -> None:
+        self.cfg, self.bk = cfg, backend
+        self.mlp = _MLP(w, "model.mlp.", 1, backend)
+        self.block1 = _InvertedResidual(w, "model.mb_block.1.", 1, backend)
+        self.block2 = _InvertedResidual(w, "model.mb_block.2.", 2, backend)
 
-    def __call__(self, features: np.ndarray) -> np.ndarray:
+    def __call__(self, features: Array) -> Array:
         G = _grid_side(features, self.cfg.mm_hidden_size)
-        y = _mlp(features, *self.mlp)  # (P, C) -> (P, D)
-        x = y.reshape(G, G, -1)  # token row * G + col -> (G, G, D)
+        self.bk.activate()
+        x = self.mlp(features).reshape(G, G, -1)  # (P, C) -> (P, D), token row * G + col -> (G, G, D)
         x = self.block2(self.block1(x))  # (G, G, D) -> (G/2, G/2, D)
         return x.reshape(-1, x.shape[2])  # row-major flatten -> (N, D)
 
@@ -102,16 +109,18 @@ class LDPProjector:
 class LDPv2Projector:
     """LDPv2: MLP (C -> D, GELU, D -> D), 2x2 average pool, PEG (depthwise 3x3 with bias, plus residual)."""
 
-    def __init__(self, cfg: ProjectorConfig, w: dict[str, np.ndarray]) -> None:
-        self.cfg = cfg
-        self.mlp = [w[f"mlp.mlp.{i}.{p}"] for i in (0, 2) for p in ("weight", "bias")]
-        self.peg, self.peg_b = _dw_kernel(w["peg.peg.0.weight"]), w["peg.peg.0.bias"]  # (3, 3, D), (D,)
+    def __init__(self, cfg: ProjectorConfig, w: Mapping[str, Array], backend: Backend) -> None:
+        self.cfg, self.bk = cfg, backend
+        self.mlp = _MLP(w, "mlp.mlp.", 0, backend)
+        self.peg = backend.dense(_dw_kernel(w["peg.peg.0.weight"]))  # (3, 3, D)
+        self.peg_b = backend.dense(w["peg.peg.0.bias"])  # (D,)
 
-    def __call__(self, features: np.ndarray) -> np.ndarray:
+    def __call__(self, features: Array) -> Array:
+        bk = self.bk
         G = _grid_side(features, self.cfg.mm_hidden_size)
-        y = _mlp(features, *self.mlp)  # (P, C) -> (P, D)
-        x = y.reshape(G // 2, 2, G // 2, 2, -1).mean(axis=(1, 3))  # AdaptiveAvgPool to G/2: -> (G/2, G/2, D)
-        x = x + (depthwise3x3(x, self.peg, stride=1) + self.peg_b)  # PEG adds the pooled map itself
+        bk.activate()
+        x = bk.avg_pool2x2(self.mlp(features).reshape(G, G, -1))  # (P, D) -> (G, G, D) -> (G/2, G/2, D)
+        x = x + (bk.depthwise3x3(x, self.peg, stride=1) + self.peg_b)  # PEG adds the pooled map itself
         return x.reshape(-1, x.shape[2])  # row-major flatten -> (N, D)
 
 
@@ -151,9 +160,9 @@ def projector_expected_shapes(cfg: ProjectorConfig) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def build_projector(cfg: ProjectorConfig, weights: Mapping[str, np.ndarray]) -> Projector:
+def build_projector(cfg: ProjectorConfig, weights: Mapping[str, Array], backend: Backend) -> Projector:
     """The projector for cfg.projector_type, after checking every tensor's presence and shape."""
     w = read_checked(weights, projector_expected_shapes(cfg), f"{cfg.projector_type} projector")
     if cfg.projector_type == "ldpnetv2":
-        return LDPv2Projector(cfg, w)
-    return LDPProjector(cfg, w)
+        return LDPv2Projector(cfg, w, backend)
+    return LDPProjector(cfg, w, backend)

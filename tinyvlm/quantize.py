@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tinyvlm.config import TextConfig
+from tinyvlm.config import ModelConfig, TextConfig
 from tinyvlm.errors import TinyVLMError, WeightsError
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, dequantize, from_arrays, quantize, to_arrays
 
@@ -29,8 +29,13 @@ if TYPE_CHECKING:
     from tinyvlm.weights import TensorStore
 
 QUANTS = ("int4", "int8")
-LAYER_KIND = {"int4": "q4_0", "int8": "q8_0"}
-HEAD_KIND = {"int4": "q8_0", "int8": "q8_0"}
+# The one table of block kinds, for every path that quantizes (a checkpoint at load, `quantize`, a GGUF's float
+# matrices): quant -> the kind of the decoder's linear layers and of the lm_head.
+BLOCK_KINDS = {"int4": {"layers": "q4_0", "lm_head": "q8_0"}, "int8": {"layers": "q8_0", "lm_head": "q8_0"}}
+# GGUF block kinds the kernels read as they are; any other quantized kind (Q4_K, Q5_K, Q6_K, ...) is converted to
+# CONVERTED_KIND, which keeps its accuracy (measured in tinyvlm/weights/gguf_quants.py).
+DIRECT_KINDS = ("q4_0", "q4_1", "q8_0")
+CONVERTED_KIND = "q8_0"
 LINEAR_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 FILE_FORMAT = "tinyvlm-quantized"
@@ -61,12 +66,15 @@ def check_quant(quant: str | None) -> None:
         raise TinyVLMError(f"unknown quantization {quant!r}; expected one of {', '.join(QUANTS)} (or none)")
 
 
+def block_kind(quant: str, name: str) -> str:
+    """The block kind `quant` gives the matrix `name` (Hugging Face name)."""
+    return BLOCK_KINDS[quant]["lm_head" if name == "lm_head.weight" else "layers"]
+
+
 def quantized_kinds(cfg: TextConfig, quant: str) -> dict[str, str]:
     """Tensor name -> block kind for every matrix that `quant` quantizes."""
-    kinds = {f"model.layers.{i}.{part}.weight": LAYER_KIND[quant]
-             for i in range(cfg.num_hidden_layers) for part in LINEAR_PARTS}
-    kinds["lm_head.weight"] = HEAD_KIND[quant]
-    return kinds
+    names = [f"model.layers.{i}.{part}.weight" for i in range(cfg.num_hidden_layers) for part in LINEAR_PARTS]
+    return {name: block_kind(quant, name) for name in [*names, "lm_head.weight"]}
 
 
 def _qbytes(qm: QuantizedMatrix) -> int:
@@ -81,7 +89,7 @@ def quantize_language(
     kinds = quantized_kinds(cfg, quant)
     if "lm_head.weight" not in weights:  # tied: the head is a quantized copy of the embedding table
         kinds.pop("lm_head.weight")
-        kinds_source = {**kinds, "lm_head.weight": HEAD_KIND[quant]}
+        kinds_source = {**kinds, "lm_head.weight": block_kind(quant, "lm_head.weight")}
     else:
         kinds_source = kinds
     out: dict[str, np.ndarray | QuantizedMatrix] = {n: weights[n] for n in weights if n not in kinds}
@@ -164,6 +172,9 @@ class QuantizedView(Mapping[str, "np.ndarray | QuantizedMatrix"]):
         except WeightsError as e:
             raise WeightsError(f"{', '.join(map(str, self.store.files()))}: {name}: {e}") from None
 
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
+        return name in self.names
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.names)
 
@@ -171,23 +182,19 @@ class QuantizedView(Mapping[str, "np.ndarray | QuantizedMatrix"]):
         return len(self.names)
 
 
-def save_quantized(src: str | Path, out_dir: str | Path, quant: str, progress: Progress | None = None,
-                   vision_dtype: str = "F16") -> QuantReport:
-    """Quantize the checkpoint at `src` into a new model directory `out_dir` (written atomically)."""
+def save_quantized(src_dir: Path, cfg: ModelConfig, store: "TensorStore", out_dir: str | Path, quant: str,
+                   progress: Progress | None = None, vision_dtype: str = "F16", source: str = "") -> QuantReport:
+    """Write the checkpoint of `src_dir` (its config and opened weights) quantized into the new model directory
+    `out_dir`, atomically: a failure leaves nothing there."""
     from safetensors.numpy import save_file
 
-    from tinyvlm.config import load_config
-    from tinyvlm.hub import resolve_model
     from tinyvlm.language import language_expected_shapes
-    from tinyvlm.weights import is_ignorable_buffer, open_checkpoint
+    from tinyvlm.weights import is_ignorable_buffer
 
     check_quant(quant)
-    src_dir = resolve_model(src)
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise TinyVLMError(f"{out_dir}: already exists; choose a new output directory")
-    cfg = load_config(src_dir)
-    store = open_checkpoint(src_dir)
     lang_names = {n for n in language_expected_shapes(cfg.text) if n in store}
     qweights, report = quantize_language(cfg.text, store.view(lang_names), quant, progress)
     arrays: dict[str, np.ndarray] = {}
@@ -206,7 +213,7 @@ def save_quantized(src: str | Path, out_dir: str | Path, quant: str, progress: P
             value = value.astype(np.float16)
         arrays[name] = np.ascontiguousarray(value)
     metadata = {"format": FILE_FORMAT, "version": FILE_VERSION, "quant": quant, "group_size": str(GROUP),
-                "kinds": json.dumps(kinds, sort_keys=True), "source": str(src), "vision_dtype": vision_dtype,
+                "kinds": json.dumps(kinds, sort_keys=True), "source": source or str(src_dir), "vision_dtype": vision_dtype,
                 "quant_error": f"{report.rel_error:.6f}"}
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():

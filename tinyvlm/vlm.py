@@ -7,43 +7,44 @@ contiguously over the spliced sequence, the mask is causal throughout, and gener
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from tinyvlm.backends import Array
 from tinyvlm.cache import KVCache
-from tinyvlm.chat_template import VICUNA_V1, render
-from tinyvlm.config import ModelConfig, VisionConfig
-from tinyvlm.errors import PromptError, TinyVLMError
-from tinyvlm.generate import GenerationConfig, generate_tokens
+from tinyvlm.chat import Chat, StopFilter
+from tinyvlm.config import GenerationConfig, ModelConfig, VisionConfig
+from tinyvlm.errors import PromptError
+from tinyvlm.generate import generate_tokens
 from tinyvlm.language import LanguageModel
 from tinyvlm.processor import preprocess
 from tinyvlm.projector import Projector
-from tinyvlm.prompt import (
-    IMAGE_TOKEN_ID,
-    count_images,
-    first_turn,
-    next_turn,
-    tokenize_with_images,
-)
+from tinyvlm.prompt import IMAGE_TOKEN_ID, VICUNA_V1, count_images, first_turn, next_turn, render, \
+    tokenize_with_images
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower
-
 
 _DEFAULTS = GenerationConfig()  # the one place generation defaults live (the CLI reads them too)
 
 
 @dataclass
 class Stats:
-    """Timings of the last call, for `--verbose` and the benchmarks."""
+    """What the last call did and how long it took, for `--verbose` and the benchmarks. image_encode_s is None
+    when the call encoded no image; counts of 0 mean the step did not run."""
 
-    image_encode_s: float = 0.0
+    image_encode_s: float | None = None
     prefill_tokens: int = 0
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+
+    def reset(self, image_encode_s: float | None = None) -> None:
+        self.image_encode_s, self.prefill_tokens, self.prefill_s, self.decode_tokens, self.decode_s = \
+            image_encode_s, 0, 0.0, 0, 0.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -54,55 +55,35 @@ class Stats:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
 
-class StopFilter:
-    """Holds back streamed text that might be the start of a stop string; reports when one appears."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.stopped = False
-
-    def push(self, text: str) -> str:
-        self.pending += text
-        for s in self.stops:
-            at = self.pending.find(s)
-            if at >= 0:
-                out, self.pending, self.stopped = self.pending[:at], "", True
-                return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(out):]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 class VLM:
-    """A loaded model: the tokenizer, the language model and, for MobileVLM, the vision tower and projector."""
+    """A loaded model: the tokenizer, the language model and, for MobileVLM, the vision tower and projector, all
+    on one backend (the language model's)."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        tokenizer: Tokenizer,
-        language: LanguageModel,
-        vision: VisionTower | None = None,
-        projector: Projector | None = None,
-        vision_config: VisionConfig | None = None,
-        path: Path | None = None,
-    ) -> None:
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, language: LanguageModel,
+                 vision: VisionTower | None = None, projector: Projector | None = None,
+                 path: Path | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.language = language
         self.vision = vision
         self.projector = projector
-        self.vision_config = vision_config
+        self.backend = language.bk
         self.path = path
         self.stats = Stats()
-        self.template = VICUNA_V1  # chat template kind (tinyvlm.chat_template)
+        self.template = VICUNA_V1  # chat template kind (tinyvlm.prompt)
         self.quant: str | None = None  # "int4" / "int8" when the LLM's linear layers are quantized
         self.quant_report: Any = None  # tinyvlm.quantize.QuantReport when quantized at load
+
+    @property
+    def vision_config(self) -> VisionConfig | None:
+        return self.config.vision
+
+    def warm_up(self) -> None:
+        """Run every kernel once on tiny inputs, so that a compiling backend compiles (or loads its cache) now."""
+        self.language.warm_up()
+        if self.vision is not None and self.projector is not None and self.vision_config is not None:
+            self.vision.warm_up()
+            self.projector(self.backend.zeros((4, self.vision_config.hidden_size)))  # a 2 x 2 grid of features
 
     # ---------------------------------------------------------------- image side
 
@@ -119,11 +100,11 @@ class VLM:
     def vision_features(self, pixels: np.ndarray) -> np.ndarray:
         """[3, 336, 336] -> [P, C]: the selected CLIP layer, CLS dropped."""
         vision, _, _ = self._require_vision()
-        return vision.features(pixels)
+        return self.backend.to_host(vision.features(pixels))
 
-    def encode_image(self, image_or_pixels: Any) -> np.ndarray:
-        """Image or float32 [3, H, W] pixels -> [N, D] projector output (N = 144)."""
-        _, projector, vcfg = self._require_vision()
+    def encode_image(self, image_or_pixels: Any) -> Array:
+        """Image or float32 [3, H, W] pixels -> [N, D] projector output (N = 144), in the backend's memory."""
+        vision, projector, vcfg = self._require_vision()
         t0 = time.perf_counter()
         if isinstance(image_or_pixels, np.ndarray) and image_or_pixels.dtype == np.float32:
             pixels = image_or_pixels
@@ -133,7 +114,7 @@ class VLM:
                 )
         else:
             pixels = self.preprocess(image_or_pixels)
-        out = projector(self.vision_features(pixels))  # (P, C) -> (N, D)
+        out = projector(vision.features(pixels))  # (P, C) -> (N, D)
         self.stats.image_encode_s = time.perf_counter() - t0
         return out
 
@@ -156,12 +137,12 @@ class VLM:
             return next_turn(question)
         return "\n" + render(self.template, None, [(question, None)])
 
-    def embed(self, ids: Sequence[int], images: Sequence[np.ndarray] = ()) -> np.ndarray:
+    def embed(self, ids: Sequence[int], images: Sequence[Array] = ()) -> Array:
         """Ids with -200 placeholders -> (T', D) embeddings, each placeholder replaced by one image's (N, D)."""
         n_images = count_images(ids)
         if n_images != len(images):
             raise PromptError(f"the prompt has {n_images} <image> placeholder(s) but {len(images)} image(s) were given")
-        parts: list[np.ndarray] = []
+        parts: list[Array] = []
         start, k = 0, 0
         for i, t in enumerate(ids):
             if t == IMAGE_TOKEN_ID:
@@ -173,9 +154,9 @@ class VLM:
             parts.append(self.language.embed(ids[start:]))
         if not parts:
             raise PromptError("empty prompt: nothing to run")
-        return np.concatenate(parts, axis=0).astype(np.float32, copy=False)  # (T', D)
+        return self.backend.concat(parts)  # (T', D)
 
-    def _images_for(self, ids: Sequence[int], image: Any) -> list[np.ndarray]:
+    def _images_for(self, ids: Sequence[int], image: Any) -> list[Array]:
         if count_images(ids) == 0:
             return []
         if image is None:
@@ -186,10 +167,6 @@ class VLM:
         """float32 [T', V] logits for every position of the spliced sequence (no sampling)."""
         embeds = self.embed(ids, self._images_for(ids, image))  # (T', D)
         cache = self.language.new_cache(max_len=min(len(embeds), self.config.text.max_position_embeddings))
-        if len(embeds) > cache.max_len:
-            raise PromptError(
-                f"prompt of {len(embeds)} tokens does not fit the context of {self.config.text.max_position_embeddings}"
-            )
         return self.language.forward(embeds, cache, all_logits=True)  # (T', V)
 
     # ---------------------------------------------------------------- generation
@@ -210,116 +187,35 @@ class VLM:
         stop: Sequence[str] = (),
     ) -> str | Iterator[str]:
         """Answer one question about an image (or none). Returns the text, or an iterator of pieces if stream."""
-        chat = self.chat(image=image, system=system)
-        return chat.send(
-            prompt,
-            stream=stream,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-        )
+        cfg = GenerationConfig(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        features = None if image is None else self.encode_image(image)  # (N, D)
+        encode_s = self.stats.image_encode_s if features is not None else None
+        ids = tokenize_with_images(self.tokenizer, self.first_turn_text(prompt, features is not None, system))
+        embeds = self.embed(ids, [features] if features is not None and count_images(ids) else [])  # (T, D)
+        cache = self.language.new_cache()
+        cache.check_room(len(embeds), "prompt tokens")
+        self.stats.reset(encode_s)
+        pieces = self.reply(embeds, cache, cfg, list(stop), [t for t in ids if t >= 0], [])
+        return pieces if stream else "".join(pieces).strip()
 
-    def chat(self, image: Any = None, system: str | None = None) -> Chat:
-        """A multi-turn conversation that keeps its KV cache between turns."""
-        return Chat(self, image=image, system=system)
-
-
-@dataclass
-class _Turn:
-    ids: list[int]
-    generated: list[int] = field(default_factory=list)
-
-
-class Chat:
-    """Multi-turn chat: each send() prefills only the new turn; earlier turns stay in the KV cache."""
-
-    def __init__(self, vlm: VLM, image: Any = None, system: str | None = None) -> None:
-        self.vlm = vlm
-        self.system = system
-        self.image_features: np.ndarray | None = None
-        if image is not None:
-            self.image_features = vlm.encode_image(image)  # (N, D)
-        self.cache: KVCache = vlm.language.new_cache()
-        self.history: list[int] = []  # every id in the cache (the image counts as one -200)
-
-    def clear(self, image: Any = None) -> None:
-        """Forget the conversation; keep the image unless a new one is given."""
-        if image is not None:
-            self.image_features = self.vlm.encode_image(image)
-        self.cache.reset()
-        self.history = []
-
-    def _turn_ids(self, question: str) -> tuple[list[int], list[np.ndarray]]:
-        tok = self.vlm.tokenizer
-        if not self.history:
-            with_image = self.image_features is not None
-            ids = tokenize_with_images(tok, self.vlm.first_turn_text(question, with_image, self.system))
-            images = [self.image_features] if with_image and count_images(ids) else []
-            if count_images(ids) > len(images):
-                raise PromptError("the question has an <image> placeholder but the chat has no image")
-            return ids, images  # type: ignore[return-value]
-        if "<image>" in question:
-            raise PromptError("an <image> placeholder is only allowed in the first turn")
-        return tok.encode(self.vlm.next_turn_text(question), add_bos=False), []
-
-    def send(
-        self,
-        question: str,
-        stream: bool = False,
-        *,
-        max_new_tokens: int = _DEFAULTS.max_new_tokens,
-        temperature: float = _DEFAULTS.temperature,
-        top_p: float = _DEFAULTS.top_p,
-        top_k: int = _DEFAULTS.top_k,
-        repetition_penalty: float = _DEFAULTS.repetition_penalty,
-        seed: int | None = _DEFAULTS.seed,
-        stop: Sequence[str] = (),
-    ) -> str | Iterator[str]:
-        cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        )
-        cfg.validate()
-        ids, images = self._turn_ids(question)
-        embeds = self.vlm.embed(ids, images)  # (T, D)
-        if len(embeds) > self.cache.free:
-            raise PromptError(
-                f"prompt of {len(embeds)} tokens does not fit the context of {self.cache.max_len} "
-                f"({self.cache.free} free)"
-            )
-        pieces = self._run(ids, embeds, cfg, list(stop))
-        if stream:
-            return pieces
-        return "".join(pieces).strip()
-
-    def _run(self, ids: list[int], embeds: np.ndarray, cfg: GenerationConfig, stops: list[str]) -> Iterator[str]:
-        vlm, lang, cache = self.vlm, self.vlm.language, self.cache
-        eos = vlm.tokenizer.eos_id
-        turn_start = cache.pos
-        prompt_len = len(embeds)
-        history = [t for t in self.history + ids if t >= 0]
-        generated: list[int] = []
-        decoder = vlm.tokenizer.stream_decoder()
+    def reply(self, embeds: Array, cache: KVCache, cfg: GenerationConfig, stops: list[str], history: list[int],
+              generated: list[int]) -> Iterator[str]:
+        """Prefill `embeds` (T, D) at cache.pos and stream the answer's text until `</s>`, a stop string,
+        max_new_tokens or a full context. Each new id is appended to `generated` and `history`; self.stats
+        receives the prefill and decode timings, also when the consumer stops early."""
+        eos = self.tokenizer.eos_id
+        decoder = self.tokenizer.stream_decoder()
         stopper = StopFilter(stops)
-        stats = vlm.stats
-        stats.prefill_tokens, stats.decode_tokens = prompt_len, 0
+        stats = self.stats
+        stats.prefill_tokens = len(embeds)
         t0 = time.perf_counter()
         t_first = None
         try:
-            for tok in generate_tokens(lang, embeds, cache, cfg, stop_ids={eos}, history=history):
+            for tok in generate_tokens(self.language, embeds, cache, cfg, stop_ids={eos}, history=history):
                 if t_first is None:
                     t_first = time.perf_counter()
                     stats.prefill_s = t_first - t0
                 generated.append(tok)
-                history.append(tok)
                 text = stopper.push(decoder.push(tok))
                 if text:
                     yield text
@@ -337,20 +233,10 @@ class Chat:
             else:
                 stats.decode_tokens = max(len(generated) - 1, 0)
                 stats.decode_s = now - t_first
-            self._close_turn(ids, generated, turn_start, turn_start + prompt_len, eos)
 
-    def _close_turn(self, ids: list[int], generated: list[int], turn_start: int, answer_start: int, eos: int) -> None:
-        """Put the rest of the answer and its `</s>` into the cache, so the next turn prefills only itself."""
-        cache, lang = self.cache, self.vlm.language
-        if cache.pos < answer_start:  # interrupted during prefill: drop the whole turn
-            cache.truncate(turn_start)
-            return
-        fed = cache.pos - answer_start
-        rest = generated[fed:] + [eos]
-        rest = rest[: cache.free]
-        if rest:
-            lang.forward(lang.embed(rest), cache)
-        self.history += ids + generated[:fed] + rest
+    def chat(self, image: Any = None, system: str | None = None) -> Chat:
+        """A multi-turn conversation that keeps its KV cache between turns."""
+        return Chat(self, image=image, system=system)
 
 
 def peak_rss_mib() -> float:
@@ -362,4 +248,4 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-__all__ = ["VLM", "Chat", "Stats", "StopFilter", "TinyVLMError", "peak_rss_mib"]
+__all__ = ["VLM", "Chat", "Stats", "StopFilter", "peak_rss_mib"]

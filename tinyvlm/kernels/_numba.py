@@ -80,13 +80,16 @@ def module() -> ModuleType:
     return numba
 
 
-def set_threads(n: int) -> None:
-    """Run numba's parallel kernels on n threads (1 .. the number of CPUs numba found)."""
-    numba = module()
-    limit = numba.config.NUMBA_NUM_THREADS
+def check_threads(n: int) -> None:
+    """Raise TinyVLMError unless numba's parallel kernels can run on n threads (1 .. the CPUs numba found)."""
+    limit = module().config.NUMBA_NUM_THREADS
     if not 1 <= n <= limit:
         raise TinyVLMError(f"threads must be between 1 and {limit} on this machine, got {n}")
-    numba.set_num_threads(n)
+
+
+def set_threads(n: int) -> None:
+    """Run numba's parallel kernels on n threads, from the calling thread (n checked by check_threads)."""
+    module().set_num_threads(n)
 
 
 def get_threads() -> int:

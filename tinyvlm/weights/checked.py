@@ -1,28 +1,49 @@
-"""Strict reading of a model part's tensors from any name -> array mapping (a TensorStore or a plain dict).
+"""The one strict check of tensors against what a model expects, and the one "... and N more" listing.
 
-The vision tower and the projectors build themselves through `read_checked`, which reports every missing and
-misshaped tensor in one WeightsError (style.md b3).
+Every reader reports every missing, unexpected and misshaped tensor in one WeightsError (style.md b3): a
+TensorStore checking a checkpoint's files, the model parts building themselves through `read_checked`, and the
+GGUF loaders.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import numpy as np
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from tinyvlm.errors import WeightsError
 
+MAX_LISTED = 20  # names listed per kind of problem
 
-def read_checked(
-    weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str
-) -> dict[str, np.ndarray]:
-    """Read each expected tensor once, as contiguous float32 (no copy if it already is).
 
-    Raises one WeightsError listing every missing and every misshaped tensor.
+def listing(names: Iterable[str], limit: int = MAX_LISTED) -> str:
+    """`a, b, c` or `a, b ... and 7 more`."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} ... and {len(names) - limit} more"
+
+
+def check_tensors(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], where: str, *,
+                  optional: Iterable[str] = (), ignore: Callable[[str], bool] | None = None) -> None:
+    """Raise one WeightsError, prefixed by `where`, naming every tensor of `expected` that `shapes` lacks or holds
+    with another shape, and every tensor of `shapes` that is not expected; return if there is none.
+
+    `optional` names may be absent (and, when present, are shape-checked if expected and never unexpected);
+    `ignore(name)` marks present tensors the model does not use.
     """
-    present = set(weights)
-    w = {n: np.ascontiguousarray(weights[n], dtype=np.float32) for n in expected if n in present}
-    missing = sorted(set(expected) - present)
-    wrong = sorted(f"{n} {w[n].shape} (expected {s})" for n, s in expected.items() if n in w and w[n].shape != s)
-    if missing or wrong:
-        raise WeightsError(f"{what} weights: missing {missing or 'none'}; wrong shape {wrong or 'none'}")
+    optional = set(optional)
+    missing = [n for n in expected if n not in shapes and n not in optional]
+    unexpected = [n for n in shapes if n not in expected and n not in optional and not (ignore and ignore(n))]
+    misshaped = [f"{n} (file {list(shapes[n])}, expected {list(s)})"
+                 for n, s in expected.items() if n in shapes and tuple(shapes[n]) != tuple(s)]
+    problems = [f"{label} ({len(items)}): {listing(sorted(items))}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                if items]
+    if problems:
+        raise WeightsError(f"{where}: the weights do not match the model; {'; '.join(problems)}")
+
+
+def read_checked(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> dict[str, Any]:
+    """Read each expected tensor present in `weights` once (extra tensors are neither read nor refused), after
+    checking that every one is there with its shape. Values come back as read: the caller converts them."""
+    w = {n: weights[n] for n in expected if n in weights}
+    check_tensors({n: tuple(a.shape) for n, a in w.items()}, expected, f"{what} weights")
     return w

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.kernels.quant import QuantizedMatrix, from_gguf_blocks
 from tinyvlm.weights import gguf_quants
 
 MAGIC = b"GGUF"
@@ -187,12 +186,3 @@ def to_float32(tensor: GGUFTensor) -> np.ndarray:
     if tensor.type_name == "F32":
         return tensor.raw.view(np.float32).reshape(tensor.shape)
     return gguf_quants.dequantize(tensor.raw, tensor.type_name, tensor.shape)
-
-
-def to_quantized(tensor: GGUFTensor) -> QuantizedMatrix:
-    """A Q4_0 / Q4_1 / Q8_0 weight (out, in) as the kernels' QuantizedMatrix, without dequantizing it."""
-    kind = tensor.type_name.lower()
-    if kind not in ("q4_0", "q4_1", "q8_0") or len(tensor.shape) != 2:
-        raise WeightsError(f"tensor {tensor.name!r} is {tensor.type_name} of shape {tensor.shape}; only 2-D "
-                           "Q4_0, Q4_1 and Q8_0 tensors convert directly to a quantized matrix")
-    return from_gguf_blocks(kind, tensor.raw, tensor.shape)

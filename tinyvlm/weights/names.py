@@ -1,23 +1,25 @@
-"""GGUF (llama.cpp) names and layout of a LLaMA LLM -> the Hugging Face names and layout tinyvlm uses.
+"""Tensor names: the CLIP tower's layout, and llama.cpp's GGUF names (LLM and mmproj) -> the Hugging Face names.
 
-Three things, each following llama.cpp's converter (convert_hf_to_gguf.py, `LlamaModel`) and gguf-py's
+For GGUF LLMs, three things, each following llama.cpp's converter (convert_hf_to_gguf.py, `LlamaModel`) and gguf-py's
 `TensorNameMap`/`Keys` (style.md b2, b5):
 * one declarative table from GGUF tensor names to ours, with {i} standing for the layer index;
 * the inverse of the row permutation the converter applies to q_proj and k_proj: LLaMA checkpoints rotate
   head halves (RoPE "rotate half": within a head, row r pairs with r + Dh/2), ggml rotates adjacent rows (2j
   with 2j + 1), so the converter interleaves the two halves of every head; `unpermute_qk` undoes it;
-* the TextConfig from `llama.*` metadata keys, through a key table.
+(The TextConfig from `llama.*` metadata keys is built in tinyvlm/config.py.)
+For llama.cpp's MobileVLM image encoder (an mmproj file), the table MMPROJ_NAMES and the conv kernels whose
+size-1 axes its converter squeezed (UNSQUEEZED); tinyvlm/loading/gguf.py reads it.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import Any
-
 import numpy as np
 
-from tinyvlm.config import TextConfig
-from tinyvlm.errors import ConfigError, WeightsError
+from tinyvlm.errors import WeightsError
+
+# The CLIP vision tower's tensors (transformers' CLIPVisionModel), relative to the tower.
+CLIP_EMBEDDINGS = "vision_model.embeddings."
+CLIP_LAYER = "vision_model.encoder.layers.{j}."
 
 # GGUF name -> Hugging Face name. output.weight is absent when the embeddings are tied.
 LLAMA_NAMES = {
@@ -37,12 +39,12 @@ LLAMA_NAMES = {
 # Tensors llama.cpp may store that tinyvlm recomputes instead (RoPE frequencies).
 IGNORED = frozenset({"rope_freqs.weight"})
 
-_PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), hf) for g, hf in LLAMA_NAMES.items()]
+_LLAMA_PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), hf) for g, hf in LLAMA_NAMES.items()]
 
 
 def hf_name(gguf_name: str) -> str | None:
     """The Hugging Face name of a GGUF LLaMA tensor, or None when the table does not know it."""
-    for pattern, hf in _PATTERNS:
+    for pattern, hf in _LLAMA_PATTERNS:
         match = pattern.match(gguf_name)
         if match:
             return hf.format(i=int(match.group(1))) if match.groups() else hf
@@ -69,50 +71,67 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# TextConfig field -> key under "{arch}." (gguf-py Keys.LLM / Keys.Attention / Keys.Rope), required or not.
-_TEXT_KEYS = {
-    "hidden_size": ("embedding_length", True),
-    "num_hidden_layers": ("block_count", True),
-    "num_attention_heads": ("attention.head_count", True),
-    "num_key_value_heads": ("attention.head_count_kv", False),
-    "intermediate_size": ("feed_forward_length", True),
-    "max_position_embeddings": ("context_length", True),
-    "rms_norm_eps": ("attention.layer_norm_rms_epsilon", False),
-    "rope_theta": ("rope.freq_base", False),
-    "head_dim": ("attention.key_length", False),
+# mmproj tensor name -> our name ({i}: a layer or block index, {p}: weight or bias). Targets starting with
+# `vision_model.` go to VisionTower; the others are named after `model.mm_projector.`, for build_projector.
+MMPROJ_NAMES = {
+    "v.class_embd": "vision_model.embeddings.class_embedding",
+    "v.patch_embd.weight": "vision_model.embeddings.patch_embedding.weight",
+    "v.position_embd.weight": "vision_model.embeddings.position_embedding.weight",
+    "v.pre_ln.{p}": "vision_model.pre_layrnorm.{p}",
+    "v.post_ln.{p}": "vision_model.post_layernorm.{p}",
+    "v.blk.{i}.ln1.{p}": "vision_model.encoder.layers.{i}.layer_norm1.{p}",
+    "v.blk.{i}.attn_q.{p}": "vision_model.encoder.layers.{i}.self_attn.q_proj.{p}",
+    "v.blk.{i}.attn_k.{p}": "vision_model.encoder.layers.{i}.self_attn.k_proj.{p}",
+    "v.blk.{i}.attn_v.{p}": "vision_model.encoder.layers.{i}.self_attn.v_proj.{p}",
+    "v.blk.{i}.attn_out.{p}": "vision_model.encoder.layers.{i}.self_attn.out_proj.{p}",
+    "v.blk.{i}.ln2.{p}": "vision_model.encoder.layers.{i}.layer_norm2.{p}",
+    "v.blk.{i}.ffn_down.{p}": "vision_model.encoder.layers.{i}.mlp.fc1.{p}",  # sic: fc1, C -> F
+    "v.blk.{i}.ffn_up.{p}": "vision_model.encoder.layers.{i}.mlp.fc2.{p}",  # sic: fc2, F -> C
+    # LDP (V1): the checkpoint's `model.mm_projector.model.*` with `model.mm_projector` -> `mm`
+    "mm.model.mlp.1.{p}": "model.mlp.1.{p}",
+    "mm.model.mlp.3.{p}": "model.mlp.3.{p}",
+    "mm.model.mb_block.{i}.block.0.0.weight": "model.mb_block.{i}.block.0.0.weight",
+    "mm.model.mb_block.{i}.block.0.1.{p}": "model.mb_block.{i}.block.0.1.{p}",
+    "mm.model.mb_block.{i}.block.1.fc1.{p}": "model.mb_block.{i}.block.1.fc1.{p}",
+    "mm.model.mb_block.{i}.block.1.fc2.{p}": "model.mb_block.{i}.block.1.fc2.{p}",
+    "mm.model.mb_block.{i}.block.2.0.weight": "model.mb_block.{i}.block.2.0.weight",
+    "mm.model.mb_block.{i}.block.2.1.{p}": "model.mb_block.{i}.block.2.1.{p}",
+    # LDPv2 (V2): `mm.mlp.mlp` and `mm.peg.peg` were rewritten to `mm.model.mlp` and `mm.model.peg`
+    "mm.model.mlp.0.{p}": "mlp.mlp.0.{p}",
+    "mm.model.mlp.2.{p}": "mlp.mlp.2.{p}",
+    "mm.model.peg.0.{p}": "peg.peg.0.{p}",
 }
-_TOKEN_KEYS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id"}
+# Conv kernels the converter squeezed, by the end of our name: "dw" (D, 3, 3) -> (D, 1, 3, 3), "1x1" (o, i) ->
+# (o, i, 1, 1).
+UNSQUEEZED = {
+    "block.0.0.weight": "dw",
+    "peg.peg.0.weight": "dw",
+    "block.1.fc1.weight": "1x1",
+    "block.1.fc2.weight": "1x1",
+    "block.2.0.weight": "1x1",
+}
+
+_MMPROJ_PATTERNS = [
+    (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)") + "$"),
+     ours)
+    for g, ours in MMPROJ_NAMES.items()
+]
 
 
-def text_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[str]) -> TextConfig:
-    """TextConfig of a LLaMA GGUF file from its metadata; tied embeddings when it has no output.weight.
+def mmproj_name(name: str) -> str | None:
+    """Our name for an mmproj tensor, or None when the table does not know it."""
+    for pattern, ours in _MMPROJ_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return ours.format(**match.groupdict())
+    return None
 
-    The vocabulary size is the length of tokenizer.ggml.tokens ({arch}.vocab_size when there is no vocabulary).
-    """
-    arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"GGUF general.architecture is {arch!r}; tinyvlm reads 'llama' models only")
-    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ConfigError(f"GGUF {arch}.rope.scaling.type is {scaling!r}; tinyvlm supports plain RoPE only")
-    values: dict[str, Any] = {}
-    for field, (key, required) in _TEXT_KEYS.items():
-        full = f"{arch}.{key}"
-        if full in metadata:
-            values[field] = metadata[full]
-        elif required:
-            raise ConfigError(f"GGUF metadata lacks {full!r}")
-    values.setdefault("num_key_value_heads", values["num_attention_heads"])
-    for field, key in _TOKEN_KEYS.items():
-        if key in metadata:
-            values[field] = metadata[key]
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if isinstance(tokens, list) else metadata.get(f"{arch}.vocab_size")
-    if vocab is None:
-        raise ConfigError(f"GGUF metadata has neither tokenizer.ggml.tokens nor {arch}.vocab_size")
-    try:
-        fields = {k: float(v) if k in ("rms_norm_eps", "rope_theta") else int(v) for k, v in values.items()}
-        return TextConfig(vocab_size=int(vocab), tie_word_embeddings="output.weight" not in set(tensor_names),
-                          **fields)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"GGUF metadata has a bad value ({err})") from None
+
+def unsqueeze(name: str, w: np.ndarray) -> np.ndarray:
+    """A projector conv kernel named `name` (ours) with the size-1 axes the mmproj converter squeezed restored."""
+    kind = next((k for suffix, k in UNSQUEEZED.items() if name.endswith(suffix)), None)
+    if kind == "dw" and w.ndim == 3:
+        return w[:, None]  # (D, 3, 3) -> (D, 1, 3, 3)
+    if kind == "1x1" and w.ndim == 2:
+        return w[:, :, None, None]  # (out, in) -> (out, in, 1, 1)
+    return w

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyvlm.errors import ModelNotFound, WeightsError
+from tinyvlm.weights.checked import check_tensors
 from tinyvlm.weights.safetensors import FLOAT_TAGS, RawTensor, read_safetensors_with_metadata
 from tinyvlm.weights.torch_bin import ZIP_MAGIC, read_torch_bin
 
@@ -25,7 +26,6 @@ CHECKPOINT_FILES = (
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 )
-MAX_LISTED = 20  # names listed per kind of problem in a check() error
 
 
 def is_ignorable_buffer(name: str) -> bool:
@@ -104,26 +104,8 @@ class TensorStore:
         tensors that the model does not use (e.g. is_ignorable_buffer). Optional names found in `expected`
         are still shape-checked.
         """
-        optional = set(optional)
-        missing = [n for n in expected if n not in self._tensors and n not in optional]
-        unexpected = [
-            n for n in self._tensors
-            if n not in expected and n not in optional and not (ignore is not None and ignore(n))
-        ]
-        misshaped = [
-            f"{n} (file {list(self.shape(n))}, expected {list(shape)})"
-            for n, shape in expected.items()
-            if n in self._tensors and self.shape(n) != tuple(shape)
-        ]
-        if not (missing or unexpected or misshaped):
-            return
-        problems = [
-            f"{label} ({len(items)}): {_listing(sorted(items))}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
-            if items
-        ]
-        files = ", ".join(str(f) for f in self.files())
-        raise WeightsError(f"{files}: the weights do not match the model; {'; '.join(problems)}")
+        shapes = {n: self.shape(n) for n in self._tensors}
+        check_tensors(shapes, expected, ", ".join(str(f) for f in self.files()), optional=optional, ignore=ignore)
 
     def _raw(self, name: str) -> RawTensor:
         try:
@@ -145,16 +127,14 @@ class StoreView(Mapping[str, np.ndarray]):
             self.on_read()
         return self.store.get(self.prefix + name)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
+        return name in self.names
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:MAX_LISTED])
-    return shown if len(names) <= MAX_LISTED else f"{shown} ... and {len(names) - MAX_LISTED} more"
 
 
 def open_file(path: Path) -> TensorStore:

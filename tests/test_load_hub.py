@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from tinyvlm.errors import ModelNotFound
-from tinyvlm.hub import find_cached_models, hub_cache_dir, resolve_model
+from tinyvlm.loading.hub import find_cached_models, hub_cache_dir, resolve_model
+
+BACKEND_FREE = True  # no model runs here: kernels, files and text only
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CACHE_VARS = ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")

@@ -1,0 +1,42 @@
+"""Backends: one object per model that owns its arrays, its ops and the preparation of its weights.
+
+    numpy  tinyvlm/backends/numpy.py: the reference and test oracle; runs wherever NumPy does
+    numba  tinyvlm/backends/numba.py: Numba kernels for the hot ops, the NumPy backend's for the rest
+
+`make(name, threads)` builds one. The name comes from the caller (`tinyvlm.load(..., backend=...)`, `--backend`),
+else from the environment variable TINYVLM_BACKEND, else it is "numba" when numba can be imported and "numpy"
+otherwise. Nothing here is module-level state: two models with different backends live side by side.
+"""
+from __future__ import annotations
+
+import os
+
+from tinyvlm.backends.numpy import Array, NumpyBackend, Weight
+from tinyvlm.errors import TinyVLMError
+from tinyvlm.kernels import _numba
+
+BACKENDS = ("numpy", "numba")
+Backend = NumpyBackend  # the interface every backend implements (the others subclass it)
+
+__all__ = ["Array", "BACKENDS", "Backend", "NumpyBackend", "Weight", "default_name", "make"]
+
+
+def default_name() -> str:
+    """TINYVLM_BACKEND when set, else "numba" when numba can be imported, else "numpy"."""
+    env = os.environ.get("TINYVLM_BACKEND")
+    if env:
+        return env
+    return "numba" if _numba.available() else "numpy"
+
+
+def make(name: str | None = None, threads: int | None = None) -> Backend:
+    """A new backend `name` (default: default_name()) running on `threads` threads (default: numba's own)."""
+    source = "backend" if name is not None else "TINYVLM_BACKEND"
+    name = default_name() if name is None else name
+    if name not in BACKENDS:
+        raise TinyVLMError(f"unknown backend {name!r} from {source}; expected one of {', '.join(BACKENDS)}")
+    if name == "numba":
+        from tinyvlm.backends.numba import NumbaBackend
+
+        return NumbaBackend(threads)
+    return NumpyBackend(threads)

@@ -1,0 +1,68 @@
+"""`load()`: a model directory, a Hugging Face id in the local cache, or a GGUF file -> a ready VLM.
+
+    hf.py    directories (pytorch_model.bin, safetensors, tinyvlm's quantized file) and cached ids
+    gguf.py  llama.cpp's LLM .gguf, with its mmproj image encoder
+    hub.py   the Hugging Face cache, without huggingface_hub or network
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tinyvlm import backends
+from tinyvlm.errors import TinyVLMError
+from tinyvlm.loading.gguf import is_gguf, load_gguf
+from tinyvlm.loading.hf import load_dir
+from tinyvlm.quantize import check_quant
+from tinyvlm.vlm import VLM
+
+Progress = Callable[[int, int], None]
+
+
+def load(path_or_repo_id: str | Path, *, quant: str | None = None, backend: str | None = None,
+         threads: int | None = None, vision_tower: str | Path | None = None, progress: Progress | bool | None = None,
+         mmproj: str | Path | None = None) -> VLM:
+    """Load a MobileVLM (V1 or V2), a text-only MobileLLaMA / LLaMA checkpoint, or a llama.cpp GGUF LLM.
+
+    `path_or_repo_id`: a directory, an id such as `mtgv/MobileVLM_V2-1.7B` found in the Hugging Face cache, or an
+    LLM GGUF file. `quant`: "int4" or "int8" quantizes the LLM's linear layers while loading (tinyvlm.quantize);
+    a file written by `python -m tinyvlm quantize` is already quantized. `backend`: "numpy" or "numba" (default:
+    $TINYVLM_BACKEND, else numba when it can be imported); `threads`: its thread count. `vision_tower`: a CLIP
+    directory or id to use instead of the one the config names. `progress`: True for a console bar on stderr, or a
+    callback(done, total). `mmproj`: with an LLM GGUF file, llama.cpp's image encoder file of the same model.
+    A backend that compiles its kernels compiles them here (or loads them from its cache), not at the first answer.
+    """
+    check_quant(quant)
+    bk = backends.make(backend, threads)
+    report: Progress | None = console_progress if progress is True else (progress or None)
+    if is_gguf(path_or_repo_id):
+        vlm = load_gguf(path_or_repo_id, quant, bk, report, mmproj)
+    elif mmproj is not None:
+        raise TinyVLMError(f"{path_or_repo_id}: not an LLM GGUF file; mmproj={mmproj} goes only with one "
+                           "(llama.cpp's pair: LLM .gguf + mmproj .gguf)")
+    else:
+        vlm = load_dir(path_or_repo_id, quant, bk, report, vision_tower)
+    if bk.compiles:
+        _warm_up(vlm, progress is True)
+    return vlm
+
+
+def console_progress(done: int, total: int) -> None:
+    """A loading bar on stderr, ending with a newline at done == total."""
+    width = 30
+    filled = width * min(done, total) // max(total, 1)
+    end = "\n" if done == total else ""
+    print(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr)
+
+
+def _warm_up(vlm: VLM, show: bool) -> None:
+    """Compile the backend's kernels (or load them from its cache) by running each once, behind a console line."""
+    if show:
+        print("compiling kernels (first run only; later runs read numba's cache) ...", end="", file=sys.stderr,
+              flush=True)
+    t0 = time.perf_counter()
+    vlm.warm_up()
+    if show:
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -1,0 +1,158 @@
+"""Load llama.cpp GGUF files: a LLaMA LLM (config, tokenizer and chat template from its metadata, weights by name),
+and with it, optionally, llama.cpp's MobileVLM image encoder (an "mmproj" file: CLIP tower and LDP / LDPv2).
+
+LLM. Q4_0 / Q4_1 / Q8_0 matrices feed the quantized kernels as they are (their blocks are only re-laid-out, once);
+other quantized kinds (Q4_K, Q5_K, Q6_K) are dequantized and requantized to Q8_0 (quantize.CONVERTED_KIND);
+F32 / F16 / BF16 become float32, or are quantized by `quant` with the same block kinds as every other path
+(quantize.BLOCK_KINDS). The q and k rows that llama.cpp's converter permuted are put back in Hugging Face order (a
+row permutation, so quantized blocks move whole). A tied model (no output.weight) uses the embedding table as its
+head, kept quantized for the matvec and float for lookups. MobileVLM LLM files carry no chat template, so they
+keep MobileVLM's v1 template.
+
+mmproj (../shared/design/mobilevlm.md section 3.6). Tensors are renamed by weights/names.py's MMPROJ_NAMES (in
+which transformers' `mlp.fc1` became `ffn_down`), the squeezed conv kernels get their size-1 axes back, and the
+configs come from the `clip.*` metadata (config.vision_configs_from_mmproj). For a LLaVA-style file the converter
+dropped the tower's last layer (block_count 23 for ViT-L): the stored layers produce exactly hidden_states[-2],
+the features the official code selects, and tinyvlm runs them all. llama.cpp's own graph stops one layer earlier,
+so its features are not a reference.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from tinyvlm.backends import Backend
+from tinyvlm.config import ModelConfig, text_config_from_gguf, vision_configs_from_mmproj
+from tinyvlm.errors import WeightsError
+from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, from_gguf_blocks, quantize
+from tinyvlm.language import LanguageModel, language_expected_shapes
+from tinyvlm.projector import build_projector
+from tinyvlm.prompt import detect
+from tinyvlm.quantize import CONVERTED_KIND, DIRECT_KINDS, block_kind
+from tinyvlm.tokenizer import Tokenizer
+from tinyvlm.vision import VisionTower, vision_needed_names
+from tinyvlm.vlm import VLM
+from tinyvlm.weights.checked import check_tensors, listing
+from tinyvlm.weights.gguf import GGUFTensor, read_gguf, to_float32
+from tinyvlm.weights.names import hf_name, mmproj_name, unpermute_qk, unsqueeze
+
+GGUF_MAGIC = b"GGUF"
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def is_gguf(path: str | Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def to_quantized(tensor: GGUFTensor) -> QuantizedMatrix:
+    """A Q4_0 / Q4_1 / Q8_0 weight (out, in) as the kernels' QuantizedMatrix, without dequantizing it."""
+    kind = tensor.type_name.lower()
+    if kind not in DIRECT_KINDS or len(tensor.shape) != 2:
+        raise WeightsError(f"tensor {tensor.name!r} is {tensor.type_name} of shape {tensor.shape}; only 2-D "
+                           "Q4_0, Q4_1 and Q8_0 tensors convert directly to a quantized matrix")
+    return from_gguf_blocks(kind, tensor.raw, tensor.shape)
+
+
+def _rows_permuted(qm: QuantizedMatrix, order: np.ndarray) -> QuantizedMatrix:
+    """qm with its rows taken in `order` (blocks run along the rows, so they move whole)."""
+    return QuantizedMatrix(qm.kind, qm.shape, qm.qs[order], qm.d[order], None if qm.m is None else qm.m[order])
+
+
+def _matrix(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
+    """The 2-D weight `name` (ours) for the kernels: direct kinds as stored, other quantized kinds converted,
+    floats as float32 unless `quant` asks for blocks."""
+    if tensor.type_name.lower() in DIRECT_KINDS:
+        return to_quantized(tensor)
+    w = to_float32(tensor)
+    if w.shape[1] % GROUP:
+        return w
+    if tensor.type_name not in FLOAT_TYPES:
+        return quantize(w, CONVERTED_KIND)
+    return w if quant is None else quantize(w, block_kind(quant, name))
+
+
+def load_gguf(path: str | Path, quant: str | None, backend: Backend,
+              progress: Callable[[int, int], None] | None = None, mmproj: str | Path | None = None) -> VLM:
+    """A VLM from an LLM GGUF file (llama architecture): text-only, or with the image side of an mmproj file."""
+    path = Path(path)
+    f = read_gguf(path)
+    text_cfg = text_config_from_gguf(f.metadata, f.tensors)
+    tokenizer = Tokenizer.from_gguf(f.metadata)
+    mm = None if mmproj is None else _read_mmproj(Path(mmproj), text_cfg.hidden_size, backend)  # fails fast
+    weights: dict[str, np.ndarray | QuantizedMatrix] = {}
+    unknown = []
+    for done, (name, tensor) in enumerate(f.tensors.items(), 1):
+        hf = hf_name(name)
+        if hf is None:
+            unknown.append(name)
+            continue
+        if hf == "model.embed_tokens.weight":
+            weights[hf] = to_float32(tensor)  # (V, D): rows are looked up, never multiplied
+            if text_cfg.tie_word_embeddings:
+                weights["lm_head.weight"] = _matrix(tensor, "lm_head.weight", quant)
+        elif len(tensor.shape) == 2:
+            weights[hf] = _matrix(tensor, hf, quant)
+        else:
+            weights[hf] = to_float32(tensor)
+        if hf.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = text_cfg.num_attention_heads if "q_proj" in hf else text_cfg.num_key_value_heads
+            w = weights[hf]
+            if isinstance(w, QuantizedMatrix):
+                weights[hf] = _rows_permuted(w, unpermute_qk(np.arange(w.shape[0])[:, None], heads)[:, 0])
+            else:
+                weights[hf] = unpermute_qk(w, heads)
+        if progress is not None:
+            progress(done, len(f.tensors))
+    if unknown:
+        raise WeightsError(f"{path}: tensors the llama name table does not know: {listing(unknown, 10)}")
+    check_tensors({n: tuple(w.shape) for n, w in weights.items()}, language_expected_shapes(text_cfg), str(path),
+                  optional=["lm_head.weight"])
+    language = LanguageModel(text_cfg, weights, backend)
+    if mm is None:
+        vlm = VLM(ModelConfig(text=text_cfg, raw=dict(f.metadata)), tokenizer, language, path=path)
+    else:
+        vision_cfg, projector_cfg, vision, projector = mm
+        model_cfg = ModelConfig(text=text_cfg, vision=vision_cfg, projector=projector_cfg, raw=dict(f.metadata))
+        vlm = VLM(model_cfg, tokenizer, language, vision, projector, path=path)
+    vlm.template = detect(f.metadata.get("tokenizer.chat_template"))
+    kinds = {t.type_name for t in f.tensors.values() if len(t.shape) == 2}
+    vlm.quant = quant or "/".join(sorted(k for k in kinds if k not in FLOAT_TYPES)) or None
+    return vlm
+
+
+def _read_mmproj(path: Path, hidden_size: int, backend: Backend) -> tuple:
+    """(vision config, projector config, tower, projector) of an mmproj file, for an LLM of width `hidden_size`."""
+    f = read_gguf(path)
+    meta = f.metadata
+    if meta.get("general.architecture") != "clip" or not meta.get("clip.has_vision_encoder", False):
+        raise WeightsError(f"{path}: not an mmproj file (expected general.architecture 'clip' with a vision "
+                           f"encoder; found {meta.get('general.architecture')!r})")
+    vision_cfg, projector_cfg = vision_configs_from_mmproj(meta, hidden_size, path)
+    needed = vision_needed_names(vision_cfg)
+    vision_w: dict[str, np.ndarray] = {}
+    projector_w: dict[str, np.ndarray] = {}
+    unknown = []
+    for name, tensor in f.tensors.items():
+        ours = mmproj_name(name)
+        if ours is None:
+            unknown.append(name)
+        elif ours.startswith("vision_model."):
+            if ours in needed:  # post_ln and layers past the selected one never run
+                vision_w[ours] = to_float32(tensor)
+        else:
+            projector_w[ours] = unsqueeze(ours, to_float32(tensor))
+    if unknown:
+        raise WeightsError(f"{path}: tensors the mmproj name table does not know: {listing(unknown, 10)}")
+    try:
+        vision = VisionTower(vision_cfg, vision_w, backend)
+        projector = build_projector(projector_cfg, projector_w, backend)
+    except WeightsError as err:
+        raise WeightsError(f"{path}: {err} (names after mapping the mmproj names; D = {hidden_size} is the "
+                           "LLM's hidden size)") from None
+    return vision_cfg, projector_cfg, vision, projector
