@@ -40,15 +40,15 @@ class Engine(Protocol):
 
 class TinyVLM:
     def __init__(self, quant: str, threads: int) -> None:
+        from tinyvlm.backends import make
         from tinyvlm.language import LanguageModel, language_expected_shapes
 
-        _set_tinyvlm_threads(threads)
         quantizer = load_quantizer(quant)
         weights = random_weights(language_expected_shapes(TEXT), np.random.default_rng(0))
         if quantizer is not None:
             weights, _report = quantizer(TEXT, weights, quant)  # rebinding drops the fp32 dict
         self.weight_bytes = decode_weight_bytes(weights)
-        self.lm = LanguageModel(TEXT, weights)
+        self.lm = LanguageModel(TEXT, weights, make(threads=threads))  # numba when installed, as tinyvlm.load
         self.cache = self.lm.new_cache()
 
     def prefill(self, ids: list[int]) -> int:
@@ -68,15 +68,6 @@ def load_quantizer(quant: str) -> Any:
     except ImportError as e:
         raise Unavailable(f"tinyvlm {quant} is not available yet (tinyvlm.quantize: {e})") from None
     return quantize_language
-
-
-def _set_tinyvlm_threads(threads: int) -> None:
-    """tinyvlm.backend.set_threads when the Numba backend exists; BLAS threads come from pin_threads."""
-    try:
-        from tinyvlm.backend import set_threads
-    except ImportError:
-        return
-    set_threads(threads)
 
 
 # ---------------------------------------------------------------- llama.cpp

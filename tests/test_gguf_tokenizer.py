@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from tests.conftest import smollm2_path
 from tinyvlm import prompt as chat_template
 from tinyvlm.errors import TokenizerError
+from tinyvlm.gguf_vocab import BYTE_CHARS
 from tinyvlm.prompt import SYSTEM_PROMPT, first_turn
-from tinyvlm.tokenizer import BYTE_CHARS, Tokenizer
+from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.weights.gguf import read_gguf
 
 BACKEND_FREE = True  # no model runs here: kernels, files and text only

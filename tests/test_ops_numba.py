@@ -24,9 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tinyvlm.config import TextConfig
 from tinyvlm.kernels import activations, attention, norm, ops_numba, rope
-from tinyvlm.language import LanguageModel, language_expected_shapes
 
 BACKEND_FREE = True  # no model runs here: kernels, files and text only
 

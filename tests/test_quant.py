@@ -15,8 +15,6 @@ Tolerances (measured maxima in brackets, over 486 cases like this suite's):
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import gguf
 import numpy as np

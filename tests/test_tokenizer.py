@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tinyvlm.errors import TokenizerError
-from tinyvlm.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, Tokenizer, parse_sentencepiece
+from tinyvlm.tokenizer import Tokenizer
+from tinyvlm.weights.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, parse_sentencepiece
 
 BACKEND_FREE = True  # no model runs here: kernels, files and text only
 

@@ -194,7 +194,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from tinyvlm.config import read_json
+    from tinyvlm.config.hf import read_json
     from tinyvlm.loading.gguf import is_gguf
     from tinyvlm.loading.hub import resolve_model
     from tinyvlm.weights import open_checkpoint, open_file

@@ -1,7 +1,7 @@
 """The LLaMA SentencePiece BPE tokenizer that MobileVLM ships, run through the `tokenizers` library.
 
-MobileVLM checkpoints ship `tokenizer.model`, a SentencePiece ModelProto (protobuf). We read it with our own
-small protobuf wire-format reader (no sentencepiece or protobuf import) and rebuild it as a `tokenizers` BPE
+MobileVLM checkpoints ship `tokenizer.model`, a SentencePiece ModelProto (protobuf). We read it with
+weights/sentencepiece.py (no sentencepiece or protobuf import) and rebuild it as a `tokenizers` BPE
 model that behaves like the reference's slow `LlamaTokenizer` with legacy=True (../shared/design/mobilevlm.md
 section 7):
 
@@ -12,137 +12,30 @@ section 7):
   after one is normalized on its own, so it gets a dummy prefix too (the "legacy" behaviour);
 * decoder: "▁" -> " ", byte fallback, fuse, strip one leading space.
 
-Field numbers follow sentencepiece_model.proto as compiled into the sentencepiece package
-(sentencepiece_model_pb2.py).
-
 GGUF files carry their vocabulary in `tokenizer.ggml.*` metadata (`Tokenizer.from_gguf`), following llama.cpp
 (src/llama-vocab.cpp):
 * model "llama": the same SentencePiece pieces, scores and types, built exactly as from tokenizer.model;
-* model "gpt2": byte-level BPE (as SmolLM2 uses): every byte is spelled as one printable character, the
-  merges are given, and the text is first split by the regexes llama.cpp picks for `tokenizer.ggml.pre`;
-  tokens of type control or unknown are matched in the raw text as special tokens, user-defined ones as
-  added tokens.
+* model "gpt2": byte-level BPE (as SmolLM2 uses), built by gguf_vocab.py.
 """
 from __future__ import annotations
 
 import codecs
 import json
 import re
-import struct
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers
 
 from tinyvlm.errors import TokenizerError
+from tinyvlm.gguf_vocab import BYTE_CHARS, GGUF_SOURCE, PRE_TOKENIZERS, build_byte_level, gguf_list, gguf_token_id
+from tinyvlm.weights.sentencepiece import (BPE, CONTROL, NORMAL, UNIGRAM, UNKNOWN, USER_DEFINED, SentencePieceModel,
+                                           parse_sentencepiece)
 
 SPACE = "\u2581"  # "▁", SentencePiece's escaped whitespace
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-# SentencePiece.Type and TrainerSpec.ModelType enum values.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-UNIGRAM, BPE = 1, 2
-
-# ----------------------------------------------------------------------------------------------------------
-# Protobuf wire format: just enough to read a SentencePiece ModelProto.
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """Decode a base-128 varint at buf[pos]; return (value, next position)."""
-    value, shift = 0, 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError(f"truncated or overlong varint at byte {pos}")
-        byte = buf[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if byte < 0x80:
-            return value, pos
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """Yield (field number, value) for one message: ints for varints, raw bytes for the other wire types."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _varint(buf, pos)
-            yield number, value
-            continue
-        if wire_type == 2:
-            size, pos = _varint(buf, pos)
-        elif wire_type in (1, 5):  # fixed64, fixed32
-            size = 8 if wire_type == 1 else 4
-        else:
-            raise ValueError(f"unsupported wire type {wire_type} for field {number} at byte {pos}")
-        if pos + size > len(buf):
-            raise ValueError(f"field {number} runs past the end of its message ({pos + size} > {len(buf)})")
-        yield number, buf[pos : pos + size]
-        pos += size
-
-
-def _int32(value: int) -> int:
-    """A varint-encoded int32: negative numbers arrive as 64-bit two's complement."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-@dataclass(frozen=True)
-class SentencePieceModel:
-    """The parts of a SentencePiece ModelProto that tokenization needs (proto2 defaults where absent)."""
-
-    pieces: list[str]
-    scores: list[float]
-    types: list[int]
-    model_type: int = UNIGRAM  # TrainerSpec 3
-    byte_fallback: bool = False  # TrainerSpec 35
-    unk_id: int = 0  # TrainerSpec 40
-    bos_id: int = 1  # TrainerSpec 41
-    eos_id: int = 2  # TrainerSpec 42
-    pad_id: int = -1  # TrainerSpec 43
-    precompiled_charsmap: bytes = b""  # NormalizerSpec 2
-    add_dummy_prefix: bool = True  # NormalizerSpec 3
-    remove_extra_whitespaces: bool = True  # NormalizerSpec 4
-    escape_whitespaces: bool = True  # NormalizerSpec 5
-
-
-def parse_sentencepiece(data: bytes) -> SentencePieceModel:
-    """Parse ModelProto bytes: field 1 pieces, 2 TrainerSpec, 3 NormalizerSpec (others ignored)."""
-    pieces: list[str] = []
-    scores: list[float] = []
-    types: list[int] = []
-    spec: dict[str, Any] = {}
-    trainer_keys = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id", 43: "pad_id"}
-    normalizer_keys = {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
-    for number, value in _fields(data):
-        if number == 1 and isinstance(value, bytes):
-            piece, score, kind = "", 0.0, NORMAL
-            for sub, sub_value in _fields(value):
-                if sub == 1 and isinstance(sub_value, bytes):
-                    piece = sub_value.decode("utf-8")
-                elif sub == 2 and isinstance(sub_value, bytes) and len(sub_value) == 4:
-                    score = struct.unpack("<f", sub_value)[0]
-                elif sub == 3 and isinstance(sub_value, int):
-                    kind = sub_value
-            pieces.append(piece)
-            scores.append(score)
-            types.append(kind)
-        elif number == 2 and isinstance(value, bytes):
-            for sub, sub_value in _fields(value):
-                if sub in trainer_keys and isinstance(sub_value, int):
-                    key = trainer_keys[sub]
-                    spec[key] = bool(sub_value) if key == "byte_fallback" else _int32(sub_value)
-        elif number == 3 and isinstance(value, bytes):
-            for sub, sub_value in _fields(value):
-                if sub in normalizer_keys and isinstance(sub_value, int):
-                    spec[normalizer_keys[sub]] = bool(sub_value)
-                elif sub == 2 and isinstance(sub_value, bytes):
-                    spec["precompiled_charsmap"] = sub_value
-    return SentencePieceModel(pieces, scores, types, **spec)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # SentencePiece model -> tokenizers.Tokenizer
@@ -208,76 +101,6 @@ def _build(sp: SentencePieceModel) -> tokenizers.Tokenizer:
                            for p, t in zip(sp.pieces, sp.types) if t in (UNKNOWN, CONTROL)])
     tk.add_tokens([AddedToken(p, special=False, normalized=True)
                    for p, t in zip(sp.pieces, sp.types) if t == USER_DEFINED])
-    return tk
-
-
-# ----------------------------------------------------------------------------------------------------------
-# GGUF vocabularies (tokenizer.ggml.* metadata)
-
-_GGUF = "GGUF tokenizer metadata"  # how errors name the source
-
-# llama.cpp's pre-tokenizer regexes (llm_tokenizer_bpe), applied in order; each splits every chunk further,
-# keeping both the matches and the text between them.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
-    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"),
-    "gpt-2": (_GPT2_SPLIT,),
-    "smollm": (r"\p{N}", _GPT2_SPLIT),
-    "starcoder": (r"\p{N}", _GPT2_SPLIT),
-    "llama-bpe": (_LLAMA3_SPLIT,),
-    "llama3": (_LLAMA3_SPLIT,),
-    "llama-v3": (_LLAMA3_SPLIT,),
-}
-_IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3"})  # llama.cpp: a whole chunk in the vocab is kept
-
-
-def _gpt2_byte_chars() -> dict[str, int]:
-    """GPT-2's byte alphabet, char -> byte: printable Latin-1 bytes stand for themselves, the other 68 bytes
-    for the code points 256, 257, ... in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
-
-
-BYTE_CHARS = _gpt2_byte_chars()
-
-
-def _gguf_list(metadata: dict[str, Any], key: str, kind: type, n: int | None = None) -> list[Any]:
-    values = metadata.get(key)
-    if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
-        raise TokenizerError(f"{_GGUF}: {key} is missing or not a list of {kind.__name__}")
-    if n is not None and len(values) != n:
-        raise TokenizerError(f"{_GGUF}: {key} has {len(values)} entries, expected one per token ({n})")
-    return values
-
-
-def _gguf_token_id(metadata: dict[str, Any], key: str, n_tokens: int, default: int) -> int:
-    value = metadata.get(key, default)
-    if not isinstance(value, int) or not 0 <= value < n_tokens:
-        raise TokenizerError(f"{_GGUF}: {key} is {value!r}, expected a token id below {n_tokens}")
-    return value
-
-
-def _build_byte_level(tokens: list[str], types: list[int], merges: list[str], pre: str) -> tokenizers.Tokenizer:
-    """Byte-level BPE with llama.cpp's pre-tokenizer for `pre` (see the module docstring)."""
-    pairs = [tuple(m.split(" ")) for m in merges]
-    bad = next((m for m, pair in zip(merges, pairs) if len(pair) != 2), None)
-    if bad is not None:
-        raise TokenizerError(f"{_GGUF}: merge {bad!r} is not two tokens separated by one space")
-    vocab = {piece: i for i, piece in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise TokenizerError(f"{_GGUF}: some tokens appear twice in tokenizer.ggml.tokens")
-    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _IGNORE_MERGES))
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
-    tk.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                  use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(p, special=True, normalized=False)
-                           for p, t in zip(tokens, types) if t in (UNKNOWN, CONTROL)])
-    tk.add_tokens([AddedToken(p, special=False, normalized=False)
-                   for p, t in zip(tokens, types) if t == USER_DEFINED])
     return tk
 
 
@@ -349,27 +172,27 @@ class Tokenizer:
         BPE, pre-tokenized per tokenizer.ggml.pre); BOS is added when tokenizer.ggml.add_bos_token says so."""
         model = metadata.get("tokenizer.ggml.model")
         if model not in ("llama", "gpt2"):
-            raise TokenizerError(f"{_GGUF}: tokenizer.ggml.model is {model!r}; tinyvlm reads 'llama' and 'gpt2'")
-        tokens = _gguf_list(metadata, "tokenizer.ggml.tokens", str)
+            raise TokenizerError(f"{GGUF_SOURCE}: tokenizer.ggml.model is {model!r}; tinyvlm reads 'llama' and 'gpt2'")
+        tokens = gguf_list(metadata, "tokenizer.ggml.tokens", str)
         n = len(tokens)
-        types = _gguf_list(metadata, "tokenizer.ggml.token_type", int, n)
-        bos = _gguf_token_id(metadata, "tokenizer.ggml.bos_token_id", n, 1)
-        eos = _gguf_token_id(metadata, "tokenizer.ggml.eos_token_id", n, 2)
+        types = gguf_list(metadata, "tokenizer.ggml.token_type", int, n)
+        bos = gguf_token_id(metadata, "tokenizer.ggml.bos_token_id", n, 1)
+        eos = gguf_token_id(metadata, "tokenizer.ggml.eos_token_id", n, 2)
         if model == "llama":  # the SentencePiece path, with the settings llama.cpp assumes for it
-            scores = _gguf_list(metadata, "tokenizer.ggml.scores", float, n)
-            unk = _gguf_token_id(metadata, "tokenizer.ggml.unknown_token_id", n, 0)
+            scores = gguf_list(metadata, "tokenizer.ggml.scores", float, n)
+            unk = gguf_token_id(metadata, "tokenizer.ggml.unknown_token_id", n, 0)
             dummy_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
             sp = SentencePieceModel(tokens, scores, types, model_type=BPE, byte_fallback=True, unk_id=unk,
                                     bos_id=bos, eos_id=eos, add_dummy_prefix=dummy_prefix,
                                     remove_extra_whitespaces=False, escape_whitespaces=True)
-            _check_supported(sp, _GGUF)
+            _check_supported(sp, GGUF_SOURCE)
             return cls(_build(sp), bos, eos, bool(metadata.get("tokenizer.ggml.add_bos_token", True)))
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if pre not in PRE_TOKENIZERS:
-            raise TokenizerError(f"{_GGUF}: tokenizer.ggml.pre {pre!r} is not supported "
+            raise TokenizerError(f"{GGUF_SOURCE}: tokenizer.ggml.pre {pre!r} is not supported "
                                  f"(tinyvlm knows {', '.join(PRE_TOKENIZERS)})")
-        merges = _gguf_list(metadata, "tokenizer.ggml.merges", str)
-        tk = _build_byte_level(tokens, types, merges, pre)
+        merges = gguf_list(metadata, "tokenizer.ggml.merges", str)
+        tk = build_byte_level(tokens, types, merges, pre)
         return cls(tk, bos, eos, bool(metadata.get("tokenizer.ggml.add_bos_token", False)))
 
     @classmethod

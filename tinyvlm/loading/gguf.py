@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from tinyvlm.backends import Backend
-from tinyvlm.config import ModelConfig, text_config_from_gguf, vision_configs_from_mmproj
+from tinyvlm.config import ModelConfig
+from tinyvlm.config.gguf import text_config_from_gguf, vision_configs_from_mmproj
 from tinyvlm.errors import WeightsError
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, from_gguf_blocks, quantize
 from tinyvlm.language import LanguageModel, language_expected_shapes

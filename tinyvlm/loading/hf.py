@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tinyvlm.backends import Backend
-from tinyvlm.config import ModelConfig, VisionConfig, load_config, read_json, vision_config_from_dict, \
-    vision_config_from_shapes
+from tinyvlm.config import ModelConfig
+from tinyvlm.config.hf import load_config, read_json, vision_config_from_dict, vision_config_from_shapes
 from tinyvlm.errors import ModelNotFound, TinyVLMError, WeightsError
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.loading.hub import resolve_model
