@@ -229,3 +229,39 @@ def test_inspect_gguf():
     assert proc.returncode == 0, proc.stderr
     assert "general.architecture = 'llama'" in proc.stdout
     assert "blk.0.attn_q.weight" in proc.stdout and "Q4_1" in proc.stdout and "[576, 576]" in proc.stdout
+
+
+def test_help_and_unknown_commands_leave_the_conversation_alone(checkpoints):
+    ref = checkpoints["text"]
+    proc = run_cli("chat", "--model", str(ref.path), "--max-tokens", "6",
+                   stdin="/help\n/summarize\n/image\nHello\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "/image PATH" in proc.stderr and "/clear" in proc.stderr and "/exit" in proc.stderr  # the /help list
+    assert "unknown command /summarize; /help lists the commands" in proc.stderr
+    assert "/image needs a path" in proc.stderr
+    import tinyvlm
+
+    expected = tinyvlm.load(ref.path).chat().send("Hello", max_new_tokens=6)
+    answers = [part.strip() for part in proc.stdout.split(">>> ") if part.strip()]
+    assert answers == [expected]  # only "Hello" reached the model, as the first turn
+
+
+def test_verbose_prints_only_what_happened(checkpoints, shared_data, backend_name):
+    text = run_cli("chat", "--model", str(checkpoints["text"].path), "-p", "Hi", "--max-tokens", "4", "--verbose")
+    assert text.returncode == 0, text.stderr
+    stats = [ln for ln in text.stderr.splitlines() if ln.startswith("[")][-1]
+    assert "image encode" not in stats and "prefill" in stats and "peak RSS" in stats
+    assert ("compiling kernels" in text.stderr) == (backend_name == "numba")  # at load, not at the first answer
+    image = run_cli("chat", str(shared_data / "images" / "test-1.jpeg"), "--model", str(checkpoints["v2"].path),
+                    "-p", "Hi", "--max-tokens", "4", "--verbose")
+    assert "image encode" in [ln for ln in image.stderr.splitlines() if ln.startswith("[")][-1]
+
+
+def test_backend_flag(checkpoints):
+    proc = run_cli("chat", "--model", str(checkpoints["text"].path), "-p", "Hi", "--max-tokens", "2",
+                   "--backend", "numpy", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "compiling kernels" not in proc.stderr
+    assert run_cli("chat", "--model", str(checkpoints["text"].path), "--backend", "cuda").returncode == 2
+    assert_one_line_error(run_cli("chat", "--model", str(checkpoints["text"].path), "-p", "Hi", "--threads", "0"),
+                          "threads must be")
