@@ -3,7 +3,7 @@ ops and whole-model logits are compared with it, two models on different backend
 compiling backend has compiled everything a generation needs by the end of `load`.
 
 Tolerances: an op agrees to 1e-5 of its output's scale (float32 with reassociated sums); whole-model logits to
-1e-5 absolute (logits of std ~1); quantized linears within the bound tests/test_quant.py states.
+1e-5 absolute (logits of std ~1); quantized linears within the bound tests/test_kernels_quant.py states.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_quant import assert_close, make_weight
+from tests.test_kernels_quant import assert_close, make_weight
 from tinyvlm import backends
 from tinyvlm.backends import NumpyBackend
 from tinyvlm.config import TextConfig

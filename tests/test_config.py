@@ -1,5 +1,5 @@
-"""tinyvlm.config: every *Config, from config.json, from a vision tower's shapes, and (tests/test_gguf.py,
-tests/test_load_mmproj.py) from GGUF metadata."""
+"""tinyvlm.config: every *Config, from config.json, from a vision tower's shapes, and (tests/test_weights_gguf.py,
+tests/test_loading_gguf.py) from GGUF metadata."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """tinyvlm.loading: what load() reads and counts, the backend it builds, and one quantization policy for every path.
 
 (Every stage of a loaded model against transformers: tests/test_vlm.py; llama.cpp's GGUF pair:
-tests/test_load_mmproj.py; the Hugging Face cache: tests/test_load_hub.py.)
+tests/test_loading_gguf.py; the Hugging Face cache: tests/test_loading_hub.py.)
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tinyvlm
-from tests.test_load_mmproj import write_llm
+from tests.test_loading_gguf import write_llm
 from tinyvlm.errors import TinyVLMError
 from tinyvlm.kernels.quant import QuantizedMatrix
 from tinyvlm.quantize import BLOCK_KINDS, block_kind

@@ -15,7 +15,7 @@ from tinyvlm.prompt import count_images, tokenize_with_images
 if TYPE_CHECKING:
     from tinyvlm.vlm import VLM
 
-_DEFAULTS = GenerationConfig()  # the one place generation defaults live (the CLI reads them too)
+_DEFAULTS = GenerationConfig()  # send's defaults are GenerationConfig's, as are the CLI's
 
 
 class StopFilter:
@@ -50,7 +50,7 @@ class Chat:
         self.vlm = vlm
         self.system = system
         self.image_features: Array | None = None  # (N, D)
-        self._encode_s: float | None = None  # the image encode's time, reported with the first turn
+        self._encode_s: float | None = None  # the last image encode's time, until a turn reports it
         if image is not None:
             self._encode(image)
         self.cache = vlm.language.new_cache()
@@ -98,8 +98,8 @@ class Chat:
         ids, images = self._turn_ids(question)
         embeds = self.vlm.embed(ids, images)  # (T, D)
         self.cache.check_room(len(embeds), "prompt tokens")
-        first = not self.history
-        self.vlm.stats.reset(self._encode_s if first and images else None)
+        encode_s, self._encode_s = (self._encode_s, None) if images else (None, self._encode_s)
+        self.vlm.stats.reset(encode_s)  # the image encode is reported once, with the turn that first used it
         pieces = self._run(ids, embeds, cfg, list(stop))
         return pieces if stream else "".join(pieces).strip()
 

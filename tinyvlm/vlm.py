@@ -28,7 +28,7 @@ from tinyvlm.prompt import IMAGE_TOKEN_ID, VICUNA_V1, count_images, first_turn, 
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower
 
-_DEFAULTS = GenerationConfig()  # the one place generation defaults live (the CLI reads them too)
+_DEFAULTS = GenerationConfig()  # generate's defaults are GenerationConfig's, as are the CLI's
 
 
 @dataclass

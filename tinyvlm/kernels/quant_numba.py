@@ -23,7 +23,7 @@ Sapphire Rapids VM, weights streamed from memory (benchmarks/bench_kernels.py; q
     b x_lo + hi (x_hi - 16 x_lo), one operation fewer per 16 bytes: ~10% faster, not taken: its
         cancellation error is bounded only relative to 255 |d| |x|, not to the weights' magnitudes
 Float32 error: the two terms cancel where w' is near 0, so it is bounded relative to
-sum |x| (|d q| + |m|) rather than sum |x||w'| (tests/test_quant.py states it); both are orders of
+sum |x| (|d q| + |m|) rather than sum |x||w'| (tests/test_kernels_quant.py states it); both are orders of
 magnitude below the quantization error itself.
 
 Prefill (T > 1): dequantize a tile of rows into float32 (exact: d is a float16 value, so d*q needs at

@@ -2,7 +2,7 @@
 
 The block layouts are ggml's (ggml-common.h, `block_q4_0` ... `block_q6_K`) and the arithmetic is that of its
 reference dequantizers (ggml-quants.c, `dequantize_row_*`), step for step in float32, so the results are
-bit-exact with the `gguf` package's Python dequantizers (tests/test_gguf.py checks every type on random blocks).
+bit-exact with the `gguf` package's Python dequantizers (tests/test_weights_gguf.py checks every type on random blocks).
 A type is a block of `block_size` values stored in `type_size` bytes; all scales are little-endian float16.
 
     Q8_0  34 B / 32    d, 32 x int8                         w = d * q
