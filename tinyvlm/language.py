@@ -3,7 +3,8 @@
 Follows the Hugging Face `LlamaForCausalLM` eager path (transformers 5.23, `models/llama/modeling_llama.py`) and
 ../shared/design/mobilevlm.md section 3.1. Weights keep their Hugging Face names and (out, in) layout, so
 `y = x @ W.T`; BLAS takes the transposed view without a copy, and storing W transposed measured no faster
-for decode (T = 1) or prefill. Everything runs in float32; the numeric ops come from tinyvlm.kernels.
+for decode (T = 1) or prefill. Everything runs in float32, and every op is the model's backend's
+(tinyvlm/backends), which also prepares the weights and allocates the KV cache.
 """
 from __future__ import annotations
 

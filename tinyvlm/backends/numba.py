@@ -11,7 +11,8 @@ What runs in Numba, and why only that (each measured on the 2-core reference VM;
 Weights: the q/k/v and gate/up matrices are stacked into one when quantized alike (one kernel call reads x once),
 and every quantized matrix is copied into one huge-page-aligned buffer (quant.pack_together: decode 18% faster).
 Dense matrices are left where they are: BLAS gains nothing from stacking, and memory-mapped files stay lazy.
-numba is imported when the backend is made, never when tinyvlm is imported.
+numba is imported when the backend is made, never when tinyvlm is imported. Like the model that holds it, a
+backend runs one call at a time (it keeps the vision attention's scores buffer between calls).
 """
 from __future__ import annotations
 
