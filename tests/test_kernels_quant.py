@@ -1,5 +1,5 @@
 """Quantized weights and kernels: formats bit-exact with the gguf package's ggml quants, Numba kernels
-against the NumPy references in tinyvlm/kernels/quant.py, and the backend seam.
+against the NumPy references in tinyvlm/kernels/quant.py (the backends that call them: tests/test_backends.py).
 
 Tolerances (measured maxima in brackets, over 486 cases like this suite's):
   quantize / dequantize / from_gguf_blocks vs gguf.quants   bit-exact
@@ -11,10 +11,9 @@ Tolerances (measured maxima in brackets, over 486 cases like this suite's):
   Numba matvec / matmul vs x @ dequantize(q).T              |err| <= 1e-5 * sum_j |x_j| (|d q_j| + |m|) per
       output (q8_0: 1e-5 * sum |x||w'|; q4_0: m = -8 d); see kernel_scale
       [matvec 4.4e-7; matmul 1.1e-7, and <= 1.1e-7 of sum |x||w'| too, as it runs BLAS on exact tiles]
-  numba vs numpy backend: the same bound; 1 vs all numba threads: identical bits
+  1 vs all numba threads: identical bits
 """
 from __future__ import annotations
-
 
 import gguf
 import numpy as np

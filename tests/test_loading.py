@@ -62,7 +62,7 @@ def test_a_float_gguf_quantizes_as_a_checkpoint_does(checkpoints: dict, shared_d
     for vlm in (from_dir, from_gguf):
         head = vlm.language.lm_head
         assert isinstance(head, QuantizedMatrix) and head.kind == BLOCK_KINDS[quant]["lm_head"]
-        mats = [w for layer in vlm.language.layers for w in (*layer.qkv, *layer.o_proj, *layer.down_proj)]
+        mats = [w for layer in vlm.language.layers for w in (*layer.qkv, layer.o_proj, layer.down_proj)]
         assert {w.kind for w in mats} == {BLOCK_KINDS[quant]["layers"]}
     ids = from_dir.prompt_ids("Hello there")
     np.testing.assert_allclose(from_gguf.logits(ids), from_dir.logits(ids), rtol=0, atol=1e-4)

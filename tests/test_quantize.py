@@ -65,12 +65,12 @@ def test_quantized_path_equals_float32_on_dequantized_weights(name, quant, check
             p + "self_attn.q_proj.weight": qkv[:q_rows],
             p + "self_attn.k_proj.weight": qkv[q_rows:q_rows + kv_rows],
             p + "self_attn.v_proj.weight": qkv[q_rows + kv_rows:],
-            p + "self_attn.o_proj.weight": dequantize(layer.o_proj[0]),
+            p + "self_attn.o_proj.weight": dequantize(layer.o_proj),
             p + "mlp.gate_proj.weight": gate_up[:cfg.intermediate_size],
             p + "mlp.up_proj.weight": gate_up[cfg.intermediate_size:],
-            p + "mlp.down_proj.weight": dequantize(layer.down_proj[0]),
+            p + "mlp.down_proj.weight": dequantize(layer.down_proj),
         })
-    assert isinstance(lang.layers[0].o_proj[0], QuantizedMatrix) and isinstance(lang.lm_head, QuantizedMatrix)
+    assert isinstance(lang.layers[0].o_proj, QuantizedMatrix) and isinstance(lang.lm_head, QuantizedMatrix)
     reference = LanguageModel(lang.cfg, weights, make(lang.bk.name))  # one backend object per model
     ids = vlm.prompt_ids(QUESTION)
     images = [vlm.encode_image(IMAGE)] if vlm.vision is not None else []
@@ -137,7 +137,7 @@ def test_file_round_trip_by_memory_map(saved, quantized):
     assert vlm.quant == "int4"
     # Read through the memory map; the numba backend then packs it into one huge-page buffer (quant.pack_together)
     lm = vlm.language
-    mats = [m for layer in lm.layers for m in (*layer.qkv, *layer.o_proj, *layer.gate_up, *layer.down_proj)]
+    mats = [m for layer in lm.layers for m in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down_proj)]
     assert all(isinstance(m, QuantizedMatrix) for m in mats) and isinstance(lm.lm_head, QuantizedMatrix)
     if lm.bk.name == "numba":
         bases = {id(a.base) for m in [*mats, lm.lm_head] for a in (m.qs, m.d)}

@@ -15,7 +15,7 @@ from tinyvlm.prompt import count_images, tokenize_with_images
 if TYPE_CHECKING:
     from tinyvlm.vlm import VLM
 
-_DEFAULTS = GenerationConfig()  # send's defaults are GenerationConfig's, as are the CLI's
+_DEFAULTS = GenerationConfig()  # the defaults of send and VLM.generate are GenerationConfig's, as are the CLI's
 
 
 class StopFilter:
@@ -97,20 +97,21 @@ class Chat:
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         ids, images = self._turn_ids(question)
         embeds = self.vlm.embed(ids, images)  # (T, D)
-        self.cache.check_room(len(embeds), "prompt tokens")
+        turn_start, generated = self.cache.pos, []
+        history = [t for t in self.history + ids if t >= 0]
+        pieces = self.vlm.reply(embeds, self.cache, cfg, list(stop), history, generated)
         encode_s, self._encode_s = (self._encode_s, None) if images else (None, self._encode_s)
         self.vlm.stats.reset(encode_s)  # the image encode is reported once, with the turn that first used it
-        pieces = self._run(ids, embeds, cfg, list(stop))
+        pieces = self._closing_turn(pieces, ids, generated, turn_start, turn_start + len(embeds))
         return pieces if stream else "".join(pieces).strip()
 
-    def _run(self, ids: list[int], embeds: Array, cfg: GenerationConfig, stops: list[str]) -> Iterator[str]:
-        turn_start = self.cache.pos
-        generated: list[int] = []
-        history = [t for t in self.history + ids if t >= 0]
+    def _closing_turn(self, pieces: Iterator[str], ids: list[int], generated: list[int], turn_start: int,
+                      answer_start: int) -> Iterator[str]:
+        """The pieces of the answer; when they end, or the consumer stops, the turn is closed."""
         try:
-            yield from self.vlm.reply(embeds, self.cache, cfg, stops, history, generated)
+            yield from pieces
         finally:
-            self._close_turn(ids, generated, turn_start, turn_start + len(embeds), self.vlm.tokenizer.eos_id)
+            self._close_turn(ids, generated, turn_start, answer_start, self.vlm.tokenizer.eos_id)
 
     def _close_turn(self, ids: list[int], generated: list[int], turn_start: int, answer_start: int, eos: int) -> None:
         """Put the rest of the answer and its `</s>` into the cache, so the next turn prefills only itself."""

@@ -51,10 +51,10 @@ class _Layer:
 
     input_layernorm: Array  # (D,)
     qkv: list[Weight]  # q_proj (Hq*Dh, D), k_proj and v_proj (Hkv*Dh, D), as the backend prepared them
-    o_proj: list[Weight]  # [(D, Hq*Dh)]
+    o_proj: Weight  # (D, Hq*Dh)
     post_attention_layernorm: Array  # (D,)
     gate_up: list[Weight]  # gate_proj and up_proj (F, D), as the backend prepared them
-    down_proj: list[Weight]  # [(D, F)]
+    down_proj: Weight  # (D, F)
 
 
 _GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -78,11 +78,12 @@ class LanguageModel:
                   for i in range(cfg.num_hidden_layers) for group in _GROUPS]
         head = w.get("lm_head.weight", w["model.embed_tokens.weight"])  # tied: the embedding serves as the head
         *prepared, (self.lm_head,) = backend.linears([*groups, [head]])  # lm_head (V, D)
-        self.layers = [
-            _Layer(dense(w[f"model.layers.{i}.input_layernorm.weight"]), *prepared[4 * i:4 * i + 2],
-                   dense(w[f"model.layers.{i}.post_attention_layernorm.weight"]), *prepared[4 * i + 2:4 * i + 4])
-            for i in range(cfg.num_hidden_layers)
-        ]
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            qkv, (o_proj,), gate_up, (down_proj,) = prepared[4 * i:4 * i + 4]
+            self.layers.append(_Layer(dense(w[f"model.layers.{i}.input_layernorm.weight"]), qkv, o_proj,
+                                      dense(w[f"model.layers.{i}.post_attention_layernorm.weight"]), gate_up,
+                                      down_proj))
         self.rope_cos, self.rope_sin = backend.rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
 
     def embed(self, ids: Sequence[int]) -> Array:
@@ -117,12 +118,8 @@ class LanguageModel:
         x = bk.asarray(embeds)  # (T, D)
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != cfg.hidden_size:
             raise PromptError(f"embeddings must have shape (T>0, {cfg.hidden_size}), got {x.shape}")
-        T, pos = x.shape[0], cache.pos
-        cache.check_room(T)
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # (T, Dh/2) each
-        for i, layer in enumerate(self.layers):
-            x = self._block(i, layer, x, cache, cos, sin)
-        cache.advance(T)
+        cache.check_room(x.shape[0])
+        x = self._blocks(x, cache, self.layers)
         if not all_logits:
             x = x[-1:]  # (T, D) -> (1, D): only the last position's logits are needed
         logits = bk.linear(bk.rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)  # (T, D) -> (T, V)
@@ -136,18 +133,25 @@ class LanguageModel:
         for T in (2, 1):
             if cache.free < T:
                 break
-            x = self.embed([0] * T)  # (T, D)
-            pos = cache.pos
-            x = self._block(0, self.layers[0], x, cache, self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+            x = self._blocks(self.embed([0] * T), cache, self.layers[:1])  # (T, D)
             self.bk.linear(self.bk.rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
-            cache.advance(T)
+
+    def _blocks(self, x: Array, cache: KVCache, layers: Sequence[_Layer]) -> Array:
+        """The (T, D) chunk x through `layers` (the first len(layers) of the model) at positions cache.pos ..
+        cache.pos+T-1, which are then committed; returns the (T, D) residual stream."""
+        T, pos = x.shape[0], cache.pos
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # (T, Dh/2) each
+        for i, layer in enumerate(layers):
+            x = self._block(i, layer, x, cache, cos, sin)
+        cache.advance(T)
+        return x
 
     def _block(self, i: int, layer: _Layer, x: Array, cache: KVCache, cos: Array, sin: Array) -> Array:
         """Decoder block i on the (T, D) chunk x; returns the new (T, D) residual stream."""
         bk, eps = self.bk, self.cfg.rms_norm_eps
         x = x + self._attention(i, layer, bk.rms_norm(x, layer.input_layernorm, eps), cache, cos, sin)
         hidden = bk.swiglu(bk.rms_norm(x, layer.post_attention_layernorm, eps), layer.gate_up)  # (T, D) -> (T, F)
-        return x + bk.linear(hidden, layer.down_proj[0])  # (T, F) -> (T, D)
+        return x + bk.linear(hidden, layer.down_proj)  # (T, F) -> (T, D)
 
     def _attention(self, i: int, layer: _Layer, x: Array, cache: KVCache, cos: Array, sin: Array) -> Array:
         """Grouped-query self-attention of a (T, D) chunk over the cache of layer i; returns (T, D)."""
@@ -165,4 +169,4 @@ class LanguageModel:
         else:
             out = bk.causal_attention(q, cache.keys(i), cache.values(i), scale, cache.pos)  # (Hq, T, Dh)
         out = out.reshape(Hq, T, Dh).transpose(1, 0, 2).reshape(T, Hq * Dh)  # -> (T, Hq*Dh)
-        return bk.linear(out, layer.o_proj[0])  # (T, Hq*Dh) -> (T, D)
+        return bk.linear(out, layer.o_proj)  # (T, Hq*Dh) -> (T, D)

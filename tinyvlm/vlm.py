@@ -16,7 +16,7 @@ import numpy as np
 
 from tinyvlm.backends import Array
 from tinyvlm.cache import KVCache
-from tinyvlm.chat import Chat, StopFilter
+from tinyvlm.chat import _DEFAULTS, Chat, StopFilter
 from tinyvlm.config import GenerationConfig, ModelConfig, VisionConfig
 from tinyvlm.errors import PromptError
 from tinyvlm.generate import generate_tokens
@@ -28,7 +28,6 @@ from tinyvlm.prompt import IMAGE_TOKEN_ID, VICUNA_V1, count_images, first_turn, 
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower
 
-_DEFAULTS = GenerationConfig()  # generate's defaults are GenerationConfig's, as are the CLI's
 
 
 @dataclass
@@ -192,26 +191,28 @@ class VLM:
         encode_s = self.stats.image_encode_s if features is not None else None
         ids = tokenize_with_images(self.tokenizer, self.first_turn_text(prompt, features is not None, system))
         embeds = self.embed(ids, [features] if features is not None and count_images(ids) else [])  # (T, D)
-        cache = self.language.new_cache()
-        cache.check_room(len(embeds), "prompt tokens")
+        pieces = self.reply(embeds, self.language.new_cache(), cfg, list(stop), [t for t in ids if t >= 0], [])
         self.stats.reset(encode_s)
-        pieces = self.reply(embeds, cache, cfg, list(stop), [t for t in ids if t >= 0], [])
         return pieces if stream else "".join(pieces).strip()
 
     def reply(self, embeds: Array, cache: KVCache, cfg: GenerationConfig, stops: list[str], history: list[int],
               generated: list[int]) -> Iterator[str]:
         """Prefill `embeds` (T, D) at cache.pos and stream the answer's text until `</s>`, a stop string,
         max_new_tokens or a full context. Each new id is appended to `generated` and `history`; self.stats
-        receives the prefill and decode timings, also when the consumer stops early."""
-        eos = self.tokenizer.eos_id
+        receives the prefill and decode timings, also when the consumer stops early. Raises PromptError at once
+        (before any text is asked for) if the prompt is empty or does not fit the cache."""
+        tokens = generate_tokens(self.language, embeds, cache, cfg, stop_ids={self.tokenizer.eos_id}, history=history)
+        return self._text(tokens, len(embeds), stops, generated)
+
+    def _text(self, tokens: Iterator[int], n_prompt: int, stops: list[str], generated: list[int]) -> Iterator[str]:
         decoder = self.tokenizer.stream_decoder()
         stopper = StopFilter(stops)
         stats = self.stats
-        stats.prefill_tokens = len(embeds)
+        stats.prefill_tokens = n_prompt
         t0 = time.perf_counter()
         t_first = None
         try:
-            for tok in generate_tokens(self.language, embeds, cache, cfg, stop_ids={eos}, history=history):
+            for tok in tokens:
                 if t_first is None:
                     t_first = time.perf_counter()
                     stats.prefill_s = t_first - t0

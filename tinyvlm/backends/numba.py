@@ -52,7 +52,7 @@ class NumbaBackend(NumpyBackend):
     # ---------------------------------------------------------------- weights
 
     def linears(self, groups: Sequence[Sequence[Weight]]) -> list[list[Weight]]:
-        prepared = [self._fuse(super(NumbaBackend, self).linears([g])[0]) for g in groups]
+        prepared = [self._fuse(group) for group in super().linears(groups)]
         mats = [w for group in prepared for w in group if isinstance(w, QuantizedMatrix)]
         self._numba_decode_attention = bool(mats)
         if not mats:
@@ -70,17 +70,8 @@ class NumbaBackend(NumpyBackend):
 
     # ---------------------------------------------------------------- linear layers
 
-    def linear(self, x: np.ndarray, w: Weight, bias: np.ndarray | None = None,
-               out: np.ndarray | None = None) -> np.ndarray:
-        if not isinstance(w, QuantizedMatrix):
-            return super().linear(x, w, bias, out)
-        y = self._quant.linear(x, w)
-        if out is not None:
-            out[...] = y
-            y = out
-        if bias is not None:
-            y += bias
-        return y
+    def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix) -> np.ndarray:
+        return self._quant.linear(x, w)
 
     def swiglu(self, x: np.ndarray, gate_up: Sequence[Weight]) -> np.ndarray:
         if len(gate_up) == 1:  # gate and up stacked: one (T, 2F) output, activated into its gate half

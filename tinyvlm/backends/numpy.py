@@ -77,7 +77,7 @@ class NumpyBackend:
                out: np.ndarray | None = None) -> np.ndarray:
         """x @ w.T (+ bias) for x (T, in) or (in,) and w (out, in); into `out` (T, out) when given."""
         if isinstance(w, QuantizedMatrix):
-            y = quant.matvec_ref(w, x) if x.ndim == 1 else quant.matmul_ref(x, w)
+            y = self._quantized_linear(x, w)
             if out is not None:
                 out[...] = y
                 y = out
@@ -86,6 +86,10 @@ class NumpyBackend:
         if bias is not None:
             y += bias
         return y
+
+    def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix) -> np.ndarray:
+        """x @ dequantize(w).T for x (T, in) or (in,)."""
+        return quant.matvec_ref(w, x) if x.ndim == 1 else quant.matmul_ref(x, w)
 
     def linear_split(self, x: np.ndarray, group: Sequence[Weight], sizes: Sequence[int]) -> list[np.ndarray]:
         """linear(x, w) for each matrix of a group prepared by `linears`, whose output sizes are `sizes`."""

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tinyvlm import backends
 from tinyvlm.errors import TinyVLMError
 from tinyvlm.loading.gguf import is_gguf, load_gguf
 from tinyvlm.loading.hf import load_dir
-from tinyvlm.quantize import check_quant
+from tinyvlm.quantize import Progress, check_quant
 from tinyvlm.vlm import VLM
-
-Progress = Callable[[int, int], None]
 
 
 def load(path_or_repo_id: str | Path, *, quant: str | None = None, backend: str | None = None,

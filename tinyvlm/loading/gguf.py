@@ -18,7 +18,6 @@ so its features are not a reference.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +30,14 @@ from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, from_gguf_blocks, quan
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.projector import build_projector
 from tinyvlm.prompt import detect
-from tinyvlm.quantize import CONVERTED_KIND, DIRECT_KINDS, block_kind
+from tinyvlm.quantize import CONVERTED_KIND, DIRECT_KINDS, Progress, block_kind
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, vision_needed_names
 from tinyvlm.vlm import VLM
 from tinyvlm.weights.checked import check_tensors, listing
-from tinyvlm.weights.gguf import GGUFTensor, read_gguf, to_float32
+from tinyvlm.weights.gguf import MAGIC, GGUFTensor, read_gguf, to_float32
 from tinyvlm.weights.names import hf_name, mmproj_name, unpermute_qk, unsqueeze
 
-GGUF_MAGIC = b"GGUF"
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
@@ -48,7 +46,7 @@ def is_gguf(path: str | Path) -> bool:
     if not path.is_file():
         return False
     with open(path, "rb") as f:
-        return f.read(4) == GGUF_MAGIC
+        return f.read(4) == MAGIC
 
 
 def to_quantized(tensor: GGUFTensor) -> QuantizedMatrix:
@@ -79,7 +77,7 @@ def _matrix(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | Qu
 
 
 def load_gguf(path: str | Path, quant: str | None, backend: Backend,
-              progress: Callable[[int, int], None] | None = None, mmproj: str | Path | None = None) -> VLM:
+              progress: Progress | None = None, mmproj: str | Path | None = None) -> VLM:
     """A VLM from an LLM GGUF file (llama architecture): text-only, or with the image side of an mmproj file."""
     path = Path(path)
     f = read_gguf(path)

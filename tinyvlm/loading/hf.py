@@ -18,7 +18,7 @@ from tinyvlm.errors import ModelNotFound, TinyVLMError, WeightsError
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.loading.hub import resolve_model
 from tinyvlm.projector import build_projector, projector_expected_shapes
-from tinyvlm.quantize import QuantizedView, QuantReport, quantize_language, read_quantized, save_quantized, \
+from tinyvlm.quantize import Progress, QuantizedView, QuantReport, quantize_language, read_quantized, save_quantized, \
     stored_shapes
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, vision_expected_shapes, vision_needed_names
@@ -27,9 +27,6 @@ from tinyvlm.weights import TensorStore, is_ignorable_buffer, open_checkpoint
 
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_NAME_PREFIXES = ("model.vision_tower.vision_tower.", "vision_tower.", "")  # MobileVLM's; a CLIP repo's has none
-
-Progress = Callable[[int, int], None]
-
 
 class _Tower:
     """Where a CLIP vision tower's tensors are (a store and a name prefix) and its config."""
