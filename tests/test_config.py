@@ -42,8 +42,9 @@ def test_mobilevlm_v2_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("change, message", [
     ({"mm_projector_type": "mlp2x_gelu"}, "unknown mm_projector_type 'mlp2x_gelu'"),
-    ({"mm_projector_type": "ldpnet", "vision_tower_type": "siglip"}, "unsupported vision_tower_type 'siglip'"),
-    ({"hidden_size": None}, "bad value"),
+    ({"mm_projector_type": "ldpnet", "vision_tower_type": "siglip"}, "vision_tower_type is 'siglip'; expected one "
+                                                                      "of 'clip'"),
+    ({"hidden_size": None}, "missing key 'hidden_size'"),
     ({"num_attention_heads": 16, "num_key_value_heads": 3}, "not a multiple of"),
 ])
 def test_bad_configs(tmp_path: Path, change: dict, message: str) -> None:
@@ -55,8 +56,9 @@ def test_bad_configs(tmp_path: Path, change: dict, message: str) -> None:
 
 def test_clip_config_json() -> None:
     nested = {"vision_config": {"hidden_size": 1024, "num_attention_heads": 16, "image_size": 336}}
-    assert vision_config_from_dict(nested, -2, "patch") == VisionConfig()
-    assert vision_config_from_dict({"hidden_size": 64, "num_attention_heads": 2}, -1, "cls_patch").hidden_size == 64
+    assert vision_config_from_dict(nested, Path("c.json"), -2, "patch") == VisionConfig()
+    small = {"hidden_size": 64, "num_attention_heads": 2}
+    assert vision_config_from_dict(small, Path("c.json"), -1, "cls_patch").hidden_size == 64
 
 
 def test_vision_config_from_shapes_uses_the_known_clip() -> None:
@@ -91,3 +93,62 @@ def test_generation_config_is_checked_when_made() -> None:
 def test_text_config_head_dim() -> None:
     assert TextConfig(576, 30, 9, 3, 1536, 49152, 2048).head_dim == 64
     assert TextConfig(576, 30, 9, 3, 1536, 49152, 2048, head_dim=32).head_dim == 32
+
+
+V2 = {**TEXT, "mm_projector_type": "ldpnetv2", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 0}, r"num_attention_heads is 0; expected an integer from 1 to 1048576"),
+    ({"num_hidden_layers": 2**64}, r"num_hidden_layers is 18446744073709551616; expected an integer from 1 to 4096"),
+    ({"max_position_embeddings": 1e30}, r"max_position_embeddings is 1e\+30; expected an integer"),
+    ({"max_position_embeddings": 2**40}, r"max_position_embeddings is 1099511627776; expected .* to 16777216"),
+    ({"hidden_size": [2048]}, r"hidden_size is \[2048\]; expected an integer"),
+    ({"hidden_size": 2048.0}, r"hidden_size is 2048.0; expected an integer"),
+    ({"vocab_size": True}, r"vocab_size is True; expected an integer"),
+    ({"rms_norm_eps": float("nan")}, r"rms_norm_eps is nan; expected a finite number in \(0, 1\]"),
+    ({"rope_theta": 0}, r"rope_theta is 0; expected a finite number in \(0, 1e\+12\]"),
+    ({"bos_token_id": float("inf")}, r"bos_token_id is inf; expected an integer"),
+    ({"eos_token_id": []}, r"eos_token_id is \[\]; expected an integer"),
+    ({"eos_token_id": 32000}, r"eos_token_id 32000 is not a token id \(vocab_size 32000\)"),
+    ({"tie_word_embeddings": "yes"}, r"tie_word_embeddings is 'yes'; expected true or false"),
+    ({"hidden_size": 2047}, r"hidden_size 2047 is not a multiple of num_attention_heads 16"),
+    ({"head_dim": 127}, r"the head size 127 is odd"),
+    ({**V2, "mm_hidden_size": [1]}, r"mm_hidden_size is \[1\]; expected an integer"),
+    ({**V2, "mm_vision_select_layer": []}, r"mm_vision_select_layer is \[\]; expected an integer"),
+    ({**V2, "mm_vision_select_layer": float("inf")}, r"mm_vision_select_layer is inf; expected an integer"),
+    ({**V2, "mm_vision_tower": 5}, r"mm_vision_tower is 5; expected a string"),
+    ({**V2, "mm_projector_type": ["ldpnetv2"]}, r"mm_projector_type is \['ldpnetv2'\]; expected a string"),
+    ({**V2, "mm_vision_select_feature": "all"}, r"mm_vision_select_feature is 'all'; expected one of 'patch'"),
+])
+def test_config_json_values_are_checked(tmp_path: Path, change: dict, message: str) -> None:
+    """Every key read from config.json has a type and a range, checked where it is read: one ConfigError naming
+    the file, the key and the value (json.dumps writes NaN and Infinity as Python's json reads them)."""
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(write(tmp_path, {**TEXT, **change}))
+    assert str(tmp_path / "config.json") in str(info.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"hidden_size": ' + "9" * 5000 + "}", "an integer of 5000 digits"),
+    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deep"),
+    ("[1]", "expected a JSON object"),
+])
+def test_config_json_hostile_documents(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"vision_config": 5}, "vision_config is 5; expected an object"),
+    ({"patch_size": 0}, "patch_size is 0; expected an integer from 1"),
+    ({"num_attention_heads": 3}, "vision hidden_size 1024 is not a multiple of num_attention_heads 3"),
+    ({"hidden_act": "gelu"}, "hidden_act is 'gelu'; expected one of 'quick_gelu'"),
+    ({"image_size": 7}, "patch_size 14 does not fit image_size 7"),
+])
+def test_clip_config_values_are_checked(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        vision_config_from_dict(change, Path("clip/config.json"), -2, "patch")
+    with pytest.raises(ConfigError, match="mm_vision_select_layer 25 is not a hidden state of a 24-layer tower"):
+        vision_config_from_dict({}, Path("clip/config.json"), 25, "patch")

@@ -1,6 +1,6 @@
 """The package's layout: every import points down the layers, and no module grows past about 300 lines.
 
-    cli -> public API and loading -> vlm / chat -> model parts -> backends -> kernels -> weights, config, errors
+    cli -> public API and loading -> vlm / chat -> model parts -> backends -> kernels -> weights, config, limits, errors
 
 A module may import from its own layer or any layer below it, never above. Imports inside functions count too
 (they are how heavy modules stay lazy, and they are arrows all the same).
@@ -21,11 +21,11 @@ LAYERS = [
     ("public API and loading", ["tinyvlm", "tinyvlm.loading."]),
     ("composition", ["tinyvlm.vlm", "tinyvlm.chat"]),
     ("model parts", ["tinyvlm.vision", "tinyvlm.projector", "tinyvlm.language", "tinyvlm.cache", "tinyvlm.generate",
-                     "tinyvlm.prompt", "tinyvlm.tokenizer", "tinyvlm.gguf_vocab", "tinyvlm.processor",
+                     "tinyvlm.prompt", "tinyvlm.tokenizer", "tinyvlm.stream", "tinyvlm.gguf_vocab", "tinyvlm.processor",
                      "tinyvlm.quantize"]),
     ("backends", ["tinyvlm.backends."]),
     ("kernels", ["tinyvlm.kernels."]),
-    ("files and settings", ["tinyvlm.weights.", "tinyvlm.config.", "tinyvlm.errors"]),
+    ("files and settings", ["tinyvlm.weights.", "tinyvlm.config.", "tinyvlm.limits", "tinyvlm.errors"]),
 ]
 MAX_LINES = 330  # "about 300"
 

@@ -245,7 +245,7 @@ def test_errors(checkpoints, pairs, tmp_path):
 
     ref = checkpoints["v2"]
     mlp = write_mmproj(tmp_path / "mlp.gguf", ref.clip, ref.projector, ref.kind, False, projector_type="mlp")
-    with pytest.raises(ConfigError, match=r"unknown clip.projector_type 'mlp'"):
+    with pytest.raises(ConfigError, match=r"clip.projector_type is 'mlp'; expected one of 'ldp', 'ldpv2'"):
         tinyvlm.load(llm, mmproj=mlp)
 
     with pytest.raises(TinyVLMError, match="not an LLM GGUF file"):

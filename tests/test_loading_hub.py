@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyvlm.errors import ModelNotFound
+from tinyvlm.errors import ModelNotFound, WeightsError
 from tinyvlm.loading.hub import find_cached_models, hub_cache_dir, resolve_model
 
 BACKEND_FREE = True  # no model runs here: kernels, files and text only
@@ -102,8 +102,16 @@ def test_broken_entries(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="no model directory"):
         resolve_model(Path("org/name"))
     (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(ModelNotFound, match="is a file"):
+    with pytest.raises(WeightsError, match="not a GGUF file or a known weight format .first bytes: none: the file"):
         resolve_model("weights.bin")
+    (tmp_path / "model.gguf").write_bytes(b"GGUX\x03\x00\x00\x00")  # a GGUF whose magic is corrupted
+    with pytest.raises(WeightsError, match=r"model.gguf: not a GGUF file or a known weight format \(first bytes: "
+                                           r"47 47 55 58 03 00 00 00 \(b'GGUX\\x03"):
+        resolve_model("model.gguf")
+    torch_bin = tmp_path / "pytorch_model.bin"
+    torch_bin.write_bytes(b"PK\x03\x04" + bytes(30))
+    with pytest.raises(ModelNotFound, match="is a PyTorch zip file; pass the model directory that holds it"):
+        resolve_model(torch_bin)
 
 
 def test_find_cached_models(tmp_path: Path) -> None:

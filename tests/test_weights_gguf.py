@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import smollm2_path
-from tinyvlm.errors import ConfigError, WeightsError
+from tinyvlm.errors import ConfigError, TinyVLMError, WeightsError
 from tinyvlm.kernels import quant as kq
 from tinyvlm.language import language_expected_shapes
 from tinyvlm.weights import gguf_quants
@@ -317,9 +317,12 @@ def test_error_messages(tmp_path: Path) -> None:
     assert "'w' appears twice" in error_of(tmp_path, pack_gguf(infos=w * 2, data=f32))
     assert "'k' appears twice" in error_of(tmp_path, pack_gguf(kv_u32("k", 1) * 2, 2))
     assert "runs past the end" in error_of(tmp_path, pack_gguf(infos=w, data=f32[:-1]))
-    assert "runs past the end" in error_of(tmp_path, pack_gguf(infos=[("w", [32, 2], 0, 64)], data=f32))
-    assert "not a multiple of the alignment 32" in error_of(tmp_path, pack_gguf(infos=[("w", [8], 0, 4)],
-                                                                                data=f32))
+    # tensors lie in order, each at the previous end rounded up to the alignment, as llama.cpp requires
+    assert "'w' is at data offset 64, expected 0" in error_of(tmp_path, pack_gguf(infos=[("w", [32, 2], 0, 64)],
+                                                                                  data=f32))
+    assert "'w' is at data offset 4, expected 0" in error_of(tmp_path, pack_gguf(infos=[("w", [8], 0, 4)], data=f32))
+    overlap = [("w", [8], 0, 0), ("v", [8], 0, 0)]
+    assert "'v' is at data offset 0, expected 32" in error_of(tmp_path, pack_gguf(infos=overlap, data=f32))
     assert "general.alignment is 3" in error_of(tmp_path, pack_gguf(kv_u32("general.alignment", 3), 1))
     assert "general.alignment is 0" in error_of(tmp_path, pack_gguf(kv_u32("general.alignment", 0), 1))
     bad_type = _str("general.alignment") + struct.pack("<I", 8) + _str("32")  # a string, not a uint32
@@ -341,7 +344,8 @@ def test_every_truncation_is_a_clear_error(tmp_path: Path) -> None:
     messages = [error_of(tmp_path, data[:cut]) for cut in range(len(data))]
     assert "cannot map" in messages[0] and all("not a GGUF file" in m for m in messages[1:4])
     # Then the header is cut (up to the end of the tensor infos), then the data.
-    first_data_cut = next(cut for cut, m in enumerate(messages) if "truncated GGUF header" not in m and cut >= 4)
+    header_cut = ("truncated GGUF header", "or the file truncated")  # a value cut, or a count with no room left
+    first_data_cut = next(cut for cut, m in enumerate(messages) if cut >= 4 and not any(h in m for h in header_cut))
     assert 4 < first_data_cut <= read_gguf(path).data_offset
     assert all("runs past the end" in m for m in messages[first_data_cut:])
 
@@ -428,11 +432,30 @@ def test_text_config_errors(smollm2: GGUFFile) -> None:
     meta = dict(smollm2.metadata)
     with pytest.raises(ConfigError, match="'gpt2'; tinyvlm reads 'llama'"):
         text_config_from_gguf(meta | {"general.architecture": "gpt2"}, [])
-    with pytest.raises(ConfigError, match="lacks 'llama.block_count'"):
-        text_config_from_gguf({k: v for k, v in meta.items() if k != "llama.block_count"}, [])
+    names = list(smollm2.tensors)
+    with pytest.raises(ConfigError, match="missing key 'llama.block_count'"):
+        text_config_from_gguf({k: v for k, v in meta.items() if k != "llama.block_count"}, names)
     with pytest.raises(ConfigError, match="rope.scaling.type is 'linear'"):
-        text_config_from_gguf(meta | {"llama.rope.scaling.type": "linear"}, [])
+        text_config_from_gguf(meta | {"llama.rope.scaling.type": "linear"}, names)
     with pytest.raises(ConfigError, match="not a multiple"):
-        text_config_from_gguf(meta | {"llama.attention.head_count_kv": 4}, [])
+        text_config_from_gguf(meta | {"llama.attention.head_count_kv": 4}, names)
     no_vocab = {k: v for k, v in meta.items() if k != "tokenizer.ggml.tokens"}
-    assert text_config_from_gguf(no_vocab, []).vocab_size == 49152  # from llama.vocab_size
+    assert text_config_from_gguf(no_vocab, names).vocab_size == 49152  # from llama.vocab_size
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # counts are checked against the layers present before anything is built per layer
+    ("llama.block_count", 0, r"block_count is 0; expected an integer from 1"),
+    ("llama.block_count", 2**31, r"block_count is 2147483648; expected an integer from 1 to 4096"),
+    ("llama.block_count", 29, r"block_count is 29, but the weights hold layers 0 to 29 \(30 in all\)"),
+    ("llama.attention.head_count", 0, r"head_count is 0; expected an integer from 1"),
+    ("llama.context_length", 2**40, r"context_length is 1099511627776; expected an integer from 1 to 16777216"),
+    ("llama.context_length", 1e30, r"context_length is 1e\+30; expected an integer"),
+    ("llama.rope.freq_base", 0.0, r"freq_base is 0.0; expected a finite number in \(0, 1e\+12\]"),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"), r"epsilon is nan; expected a finite number in \(0, 1\]"),
+    ("llama.embedding_length", [576], r"embedding_length is \[576\]; expected an integer"),
+    ("tokenizer.ggml.bos_token_id", 49152, r"bos_token_id is 49152; expected an integer from 0 to 49151"),
+])
+def test_text_config_refuses_values_out_of_range(smollm2: GGUFFile, key: str, value: object, message: str) -> None:
+    with pytest.raises(TinyVLMError, match=message):
+        text_config_from_gguf(dict(smollm2.metadata) | {key: value}, list(smollm2.tensors))

@@ -24,6 +24,7 @@ import numpy as np
 from tinyvlm.config import ModelConfig, TextConfig
 from tinyvlm.errors import TinyVLMError, WeightsError
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, dequantize, from_arrays, quantize, to_arrays
+from tinyvlm.limits import parse_json, short
 
 if TYPE_CHECKING:
     from tinyvlm.weights import TensorStore
@@ -127,12 +128,14 @@ def read_quantized(store_metadata: Mapping[str, str], path: str, names: Iterable
     if store_metadata.get("version") != FILE_VERSION:
         raise WeightsError(f"{path}: quantized file version {store_metadata.get('version')!r}; "
                            f"this tinyvlm reads version {FILE_VERSION}")
+    if store_metadata.get("quant") not in QUANTS:
+        raise WeightsError(f"{path}: quantized file metadata 'quant' is {short(store_metadata.get('quant'))}; "
+                           f"expected one of {', '.join(QUANTS)}")
     if store_metadata.get("group_size") != str(GROUP):
         raise WeightsError(f"{path}: group size {store_metadata.get('group_size')!r}; expected {GROUP}")
-    try:
-        kinds = json.loads(store_metadata["kinds"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: quantized file metadata has no readable 'kinds' ({e})") from None
+    if "kinds" not in store_metadata:
+        raise WeightsError(f"{path}: quantized file metadata has no 'kinds'")
+    kinds = parse_json(store_metadata["kinds"], f"{path}: quantized file metadata 'kinds'", WeightsError)
     if not isinstance(kinds, dict) or not all(k in ("q4_0", "q4_1", "q8_0") for k in kinds.values()):
         raise WeightsError(f"{path}: quantized file metadata 'kinds' must map tensor names to block kinds")
     present = set(names)
@@ -164,7 +167,7 @@ class QuantizedView(Mapping[str, "np.ndarray | QuantizedMatrix"]):
         if self.on_read is not None:
             self.on_read()
         if name not in self.kinds:
-            return self.store.get(name)
+            return self.store.weight(name)
         arrays = {f.rsplit(".", 1)[1]: self.store.stored(f) for f in stored_shapes(name, self.kinds[name], (0, 0))
                   if f in self.store}
         try:

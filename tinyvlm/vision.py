@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from tinyvlm.backends import Array, Backend
 from tinyvlm.config import VisionConfig
-from tinyvlm.errors import ConfigError, ImageError
+from tinyvlm.errors import ImageError
 from tinyvlm.weights.checked import read_checked
 from tinyvlm.weights.names import CLIP_EMBEDDINGS as _EMB
 from tinyvlm.weights.names import CLIP_LAYER as _LAYER
@@ -109,8 +109,6 @@ class VisionTower:
     """CLIP ViT forward for one image: pixels [3, H, W] -> features [P, C] (or [P+1, C] for cls_patch)."""
 
     def __init__(self, cfg: VisionConfig, weights: Mapping[str, Array], backend: Backend) -> None:
-        if cfg.select_feature not in ("patch", "cls_patch"):
-            raise ConfigError(f"mm_vision_select_feature {cfg.select_feature!r}; expected 'patch' or 'cls_patch'")
         self.cfg, self.bk = cfg, backend
         w = read_checked(weights, _needed_shapes(cfg), "vision tower")
         C, p = cfg.hidden_size, cfg.patch_size

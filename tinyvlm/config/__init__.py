@@ -47,13 +47,22 @@ class TextConfig:
     head_dim: int = 0  # Dh; 0 means hidden_size // num_attention_heads
 
     def __post_init__(self) -> None:
+        """How the sizes fit together (each one's type and range is checked where it is read: config.hf, .gguf)."""
         if self.head_dim == 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                                  f"{self.num_attention_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.head_dim % 2:
+            raise ConfigError(f"the head size {self.head_dim} is odd; RoPE rotates pairs of values")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        for name in ("bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"{name} {getattr(self, name)} is not a token id (vocab_size {self.vocab_size})")
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,20 @@ class VisionConfig:
     hidden_act: str = "quick_gelu"
     select_layer: int = -2  # index into hidden_states (25 entries for 24 layers)
     select_feature: str = "patch"  # "patch" drops CLS; "cls_patch" keeps it
+
+    def __post_init__(self) -> None:
+        """How the sizes fit together (each one's type and range is checked where it is read)."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"vision hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                              f"{self.num_attention_heads}")
+        if not 0 < self.patch_size <= self.image_size:
+            raise ConfigError(f"vision patch_size {self.patch_size} does not fit image_size {self.image_size}")
+        if not -(self.num_hidden_layers + 1) <= self.select_layer <= self.num_hidden_layers:
+            raise ConfigError(f"mm_vision_select_layer {self.select_layer} is not a hidden state of a "
+                              f"{self.num_hidden_layers}-layer tower (-{self.num_hidden_layers + 1} to "
+                              f"{self.num_hidden_layers})")
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ConfigError(f"mm_vision_select_feature {self.select_feature!r}; expected 'patch' or 'cls_patch'")
 
     @property
     def num_patches(self) -> int:  # P
@@ -100,6 +123,8 @@ class ModelConfig:
     projector: ProjectorConfig | None = None
     mm_vision_tower: str | None = None  # HF id or path of the CLIP tower (V1 loads it from there)
     image_aspect_ratio: str = "pad"
+    select_layer: int = -2  # mm_vision_select_layer and mm_vision_select_feature, for the tower's VisionConfig
+    select_feature: str = "patch"
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -9,18 +9,31 @@ import numpy as np
 
 from tinyvlm.config import CLIP_MEAN, CLIP_STD, ProjectorConfig, TextConfig, VisionConfig
 from tinyvlm.errors import ConfigError
+from tinyvlm.limits import (MAX_CONTEXT, MAX_LAYERS, MAX_ROPE_BASE, MAX_VOCAB, MAX_WIDTH, REQUIRED, Check, choices,
+                            flag, integer, integers, read_table, reals, short)
+from tinyvlm.weights.checked import check_layer_count
 
-# TextConfig field -> key under "{arch}." (gguf-py Keys.LLM / Keys.Attention / Keys.Rope), required or not.
+def _int(lo: int, hi: int) -> Check:
+    return integers(lo, hi, ConfigError)
+
+
+def _real(lo: float, hi: float) -> Check:
+    return reals(lo, hi, ConfigError, above=True)
+
+
+# Every GGUF key read for the LLM (gguf-py Keys.LLM / Keys.Attention / Keys.Rope, under "{arch}."): TextConfig
+# field -> (key, check, default; None: derived from other keys).
 _TEXT_KEYS = {
-    "hidden_size": ("embedding_length", True),
-    "num_hidden_layers": ("block_count", True),
-    "num_attention_heads": ("attention.head_count", True),
-    "num_key_value_heads": ("attention.head_count_kv", False),
-    "intermediate_size": ("feed_forward_length", True),
-    "max_position_embeddings": ("context_length", True),
-    "rms_norm_eps": ("attention.layer_norm_rms_epsilon", False),
-    "rope_theta": ("rope.freq_base", False),
-    "head_dim": ("attention.key_length", False),
+    "hidden_size": ("embedding_length", _int(1, MAX_WIDTH), REQUIRED),
+    "num_hidden_layers": ("block_count", _int(1, MAX_LAYERS), REQUIRED),
+    "num_attention_heads": ("attention.head_count", _int(1, MAX_WIDTH), REQUIRED),
+    "num_key_value_heads": ("attention.head_count_kv", _int(1, MAX_WIDTH), None),
+    "intermediate_size": ("feed_forward_length", _int(1, MAX_WIDTH), REQUIRED),
+    "max_position_embeddings": ("context_length", _int(1, MAX_CONTEXT), REQUIRED),
+    "rms_norm_eps": ("attention.layer_norm_rms_epsilon", _real(0, 1), 1e-6),
+    "rope_theta": ("rope.freq_base", _real(0, MAX_ROPE_BASE), 10000.0),
+    "head_dim": ("attention.key_length", _int(1, MAX_WIDTH), None),
+    "vocab_size": ("vocab_size", _int(1, MAX_VOCAB), None),  # when there is no tokenizer.ggml.tokens
 }
 _TOKEN_KEYS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id"}
 
@@ -29,44 +42,63 @@ def text_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[str])
     """TextConfig of a LLaMA GGUF file from its metadata; tied embeddings when it has no output.weight.
 
     The vocabulary size is the length of tokenizer.ggml.tokens ({arch}.vocab_size when there is no vocabulary).
+    The layer count must match the layers whose tensors the file holds (blk.0 ... blk.N-1).
     """
     arch = metadata.get("general.architecture")
     if arch != "llama":
-        raise ConfigError(f"GGUF general.architecture is {arch!r}; tinyvlm reads 'llama' models only")
+        raise ConfigError(f"GGUF general.architecture is {short(arch)}; tinyvlm reads 'llama' models only")
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
-        raise ConfigError(f"GGUF {arch}.rope.scaling.type is {scaling!r}; tinyvlm supports plain RoPE only")
-    values: dict[str, Any] = {}
-    for field, (key, required) in _TEXT_KEYS.items():
-        full = f"{arch}.{key}"
-        if full in metadata:
-            values[field] = metadata[full]
-        elif required:
-            raise ConfigError(f"GGUF metadata lacks {full!r}")
-    values.setdefault("num_key_value_heads", values["num_attention_heads"])
-    for field, key in _TOKEN_KEYS.items():
-        if key in metadata:
-            values[field] = metadata[key]
+        raise ConfigError(f"GGUF {arch}.rope.scaling.type is {short(scaling)}; tinyvlm supports plain RoPE only")
+    table = {field: (f"{arch}.{key}", check, default) for field, (key, check, default) in _TEXT_KEYS.items()}
+    read = read_table(metadata, {key: (check, default) for key, check, default in table.values()}, "GGUF metadata",
+                      ConfigError)
+    values = {field: read[key] for field, (key, _, _) in table.items()}
     tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if isinstance(tokens, list) else metadata.get(f"{arch}.vocab_size")
+    vocab = len(tokens) if isinstance(tokens, list) else values["vocab_size"]
     if vocab is None:
         raise ConfigError(f"GGUF metadata has neither tokenizer.ggml.tokens nor {arch}.vocab_size")
-    try:
-        fields = {k: float(v) if k in ("rms_norm_eps", "rope_theta") else int(v) for k, v in values.items()}
-        return TextConfig(vocab_size=int(vocab), tie_word_embeddings="output.weight" not in set(tensor_names),
-                          **fields)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"GGUF metadata has a bad value ({err})") from None
+    names = set(tensor_names)
+    check_layer_count(names, r"blk\.(\d+)\.", values["num_hidden_layers"], f"{arch}.block_count", "GGUF metadata")
+    for field, key in _TOKEN_KEYS.items():
+        values[field] = integer(metadata.get(key, 1 if field == "bos_token_id" else 2), f"GGUF {key}", ConfigError,
+                                0, vocab - 1)
+    values["num_key_value_heads"] = values["num_key_value_heads"] or values["num_attention_heads"]
+    values["head_dim"] = values["head_dim"] or 0
+    return TextConfig(**{**values, "vocab_size": vocab, "tie_word_embeddings": "output.weight" not in names})
 
 
 # llama.cpp's clip.projector_type -> tinyvlm's projector type.
 LLAMACPP_PROJECTORS = {"ldp": "ldpnet", "ldpv2": "ldpnetv2"}
 
 
-def _mmproj_key(meta: Mapping[str, Any], key: str, path: Path) -> Any:
-    if key not in meta:
-        raise ConfigError(f"{path}: mmproj metadata lacks {key!r}")
-    return meta[key]
+# Every key read from an mmproj file: VisionConfig field -> (key, check, default).
+_CLIP_KEYS = {
+    "hidden_size": ("clip.vision.embedding_length", _int(1, MAX_WIDTH), REQUIRED),
+    "num_hidden_layers": ("clip.vision.block_count", _int(1, MAX_LAYERS), REQUIRED),
+    "num_attention_heads": ("clip.vision.attention.head_count", _int(1, MAX_WIDTH), REQUIRED),
+    "intermediate_size": ("clip.vision.feed_forward_length", _int(1, MAX_WIDTH), REQUIRED),
+    "image_size": ("clip.vision.image_size", _int(1, MAX_WIDTH), REQUIRED),
+    "patch_size": ("clip.vision.patch_size", _int(1, MAX_WIDTH), REQUIRED),
+    "layer_norm_eps": ("clip.vision.attention.layer_norm_epsilon", _real(0, 1), 1e-5),
+}
+_MMPROJ_KEYS = {
+    "clip.projector_type": (choices(tuple(LLAMACPP_PROJECTORS), ConfigError), REQUIRED),
+    "clip.use_gelu": (lambda v, what: flag(v, what, ConfigError), False),
+    "clip.vision.image_mean": (lambda v, what: _floats(v, what, CLIP_MEAN), None),
+    "clip.vision.image_std": (lambda v, what: _floats(v, what, CLIP_STD), None),
+    "clip.vision.feature_layer": (lambda v, what: _floats(v, what, None), None),
+}
+
+
+def _floats(value: object, what: str, expected: np.ndarray | None) -> list[int | float]:
+    """A list of numbers; equal to `expected` (within 1e-6) when given."""
+    if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                              for x in value):
+        raise ConfigError(f"{what} is {short(value)}; expected a list of numbers")
+    if expected is not None and (len(value) != len(expected) or not np.allclose(value, expected, atol=1e-6)):
+        raise ConfigError(f"{what} is {short(value)}; tinyvlm normalises with OpenAI CLIP's {expected.tolist()}")
+    return value
 
 
 def vision_configs_from_mmproj(meta: Mapping[str, Any], hidden_size: int,
@@ -76,35 +108,24 @@ def vision_configs_from_mmproj(meta: Mapping[str, Any], hidden_size: int,
     A LLaVA-style file stores the layers that produce hidden_states[-2] (block_count = 23 for ViT-L), and they all
     run; a file that names its feature layer (`clip.vision.feature_layer`) runs up to that hidden state.
     """
-    kind = _mmproj_key(meta, "clip.projector_type", path)
-    if kind not in LLAMACPP_PROJECTORS:
-        raise ConfigError(f"{path}: unknown clip.projector_type {kind!r}; tinyvlm reads MobileVLM's "
-                          f"{', '.join(repr(k) for k in LLAMACPP_PROJECTORS)}")
-    if meta.get("clip.use_gelu", False):
+    where = f"{path}: mmproj metadata"
+    mm = read_table(meta, _MMPROJ_KEYS, where, ConfigError)
+    if mm["clip.use_gelu"]:
         raise ConfigError(f"{path}: clip.use_gelu is true; tinyvlm's CLIP tower uses quick_gelu (as ViT-L/14 does)")
-    for key, expected in (("clip.vision.image_mean", CLIP_MEAN), ("clip.vision.image_std", CLIP_STD)):
-        value = meta.get(key)
-        if value is not None and not np.allclose(np.asarray(value, dtype=np.float32), expected, atol=1e-6):
-            raise ConfigError(f"{path}: {key} is {value}; tinyvlm normalises with OpenAI CLIP's {expected.tolist()}")
-    stored = int(_mmproj_key(meta, "clip.vision.block_count", path))
-    feature_layer = meta.get("clip.vision.feature_layer")
+    read = read_table(meta, {key: (check, default) for key, check, default in _CLIP_KEYS.values()}, where,
+                      ConfigError)
+    values = {field: read[key] for field, (key, _, _) in _CLIP_KEYS.items()}
+    stored = values["num_hidden_layers"]
+    feature_layer = mm["clip.vision.feature_layer"]
     if feature_layer is None:  # LLaVA-style file: the stored layers are exactly the ones that run
-        layers, select = stored + 1, -2
-    elif isinstance(feature_layer, list) and len(feature_layer) == 1:
-        layers, select = stored, int(feature_layer[0])
+        values.update(num_hidden_layers=stored + 1, select_layer=-2)
+    elif len(feature_layer) == 1 and isinstance(feature_layer[0], int):
+        values["select_layer"] = feature_layer[0]
     else:
-        raise ConfigError(f"{path}: clip.vision.feature_layer is {feature_layer}; expected a single layer")
+        raise ConfigError(f"{path}: clip.vision.feature_layer is {short(feature_layer)}; expected a single layer")
     try:
-        vision = VisionConfig(
-            hidden_size=int(_mmproj_key(meta, "clip.vision.embedding_length", path)),
-            num_hidden_layers=layers,
-            num_attention_heads=int(_mmproj_key(meta, "clip.vision.attention.head_count", path)),
-            intermediate_size=int(_mmproj_key(meta, "clip.vision.feed_forward_length", path)),
-            image_size=int(_mmproj_key(meta, "clip.vision.image_size", path)),
-            patch_size=int(_mmproj_key(meta, "clip.vision.patch_size", path)),
-            layer_norm_eps=float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-5)),
-            select_layer=select,
-        )
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path}: bad clip.vision metadata ({err})") from None
+        vision = VisionConfig(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    kind = mm["clip.projector_type"]
     return vision, ProjectorConfig(LLAMACPP_PROJECTORS[kind], vision.hidden_size, hidden_size)

@@ -2,7 +2,6 @@
 known only by its tensor shapes and the id it names."""
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -13,36 +12,82 @@ from typing import Any
 
 from tinyvlm.config import PROJECTOR_TYPES, ModelConfig, ProjectorConfig, TextConfig, VisionConfig
 from tinyvlm.errors import ConfigError
+from tinyvlm.limits import (MAX_CONTEXT, MAX_LAYERS, MAX_ROPE_BASE, MAX_VOCAB, MAX_WIDTH, REQUIRED, Check, choices,
+                            flag, integer, integers, read_json_file, read_table, reals, short, text)
 from tinyvlm.weights.names import CLIP_EMBEDDINGS, CLIP_LAYER
 
 
-def _require(cfg: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in cfg:
-        raise ConfigError(f"{path}: missing key {key!r}")
-    return cfg[key]
+def _int(lo: int, hi: int) -> Check:
+    return integers(lo, hi, ConfigError)
+
+
+def _real(lo: float, hi: float) -> Check:
+    return reals(lo, hi, ConfigError, above=True)
+
+
+def _text(value: object, what: str) -> str:
+    return text(value, what, ConfigError)
+
+
+def _flag(value: object, what: str) -> bool:
+    return flag(value, what, ConfigError)
+
+
+def _token_ids(value: object, what: str) -> int:
+    """eos_token_id: one id, or a list of them (the first is used)."""
+    ids = value if isinstance(value, list) and value else [value]
+    return [integer(i, what, ConfigError, 0, MAX_VOCAB) for i in ids][0]
+
+
+# Every key read from a checkpoint's config.json: its check and its default (None: derived from other keys).
+_TEXT_KEYS: dict[str, tuple[Check, Any]] = {
+    "hidden_size": (_int(1, MAX_WIDTH), REQUIRED),
+    "num_hidden_layers": (_int(1, MAX_LAYERS), REQUIRED),
+    "num_attention_heads": (_int(1, MAX_WIDTH), REQUIRED),
+    "num_key_value_heads": (_int(1, MAX_WIDTH), None),  # default: num_attention_heads
+    "intermediate_size": (_int(1, MAX_WIDTH), REQUIRED),
+    "vocab_size": (_int(1, MAX_VOCAB), REQUIRED),
+    "max_sequence_length": (_int(1, MAX_CONTEXT), None),  # wins over max_position_embeddings when present
+    "max_position_embeddings": (_int(1, MAX_CONTEXT), 2048),
+    "rms_norm_eps": (_real(0, 1), 1e-6),
+    "rope_theta": (_real(0, MAX_ROPE_BASE), 10000.0),
+    "tie_word_embeddings": (_flag, False),
+    "bos_token_id": (_token_ids, 1),
+    "eos_token_id": (_token_ids, 2),
+    "head_dim": (_int(1, MAX_WIDTH), None),  # default: hidden_size / num_attention_heads
+}
+_VLM_KEYS: dict[str, tuple[Check, Any]] = {
+    "mm_projector_type": (_text, REQUIRED),
+    "vision_tower_type": (choices(("clip",), ConfigError), "clip"),
+    "mm_hidden_size": (_int(1, MAX_WIDTH), 1024),
+    "mm_vision_tower": (_text, None),
+    "image_aspect_ratio": (_text, "pad"),
+    "mm_vision_select_layer": (integers(-MAX_LAYERS - 1, MAX_LAYERS, ConfigError), -2),
+    "mm_vision_select_feature": (choices(("patch", "cls_patch"), ConfigError), "patch"),
+}
+# A CLIP tower's config.json (or its vision_config): defaults are ViT-L/14-336.
+_CLIP = VisionConfig()
+_CLIP_KEYS: dict[str, tuple[Check, Any]] = {
+    "hidden_size": (_int(1, MAX_WIDTH), _CLIP.hidden_size),
+    "num_hidden_layers": (_int(1, MAX_LAYERS), _CLIP.num_hidden_layers),
+    "num_attention_heads": (_int(1, MAX_WIDTH), _CLIP.num_attention_heads),
+    "intermediate_size": (_int(1, MAX_WIDTH), _CLIP.intermediate_size),
+    "image_size": (_int(1, MAX_WIDTH), _CLIP.image_size),
+    "patch_size": (_int(1, MAX_WIDTH), _CLIP.patch_size),
+    "layer_norm_eps": (_real(0, 1), _CLIP.layer_norm_eps),
+    "hidden_act": (choices(("quick_gelu",), ConfigError), "quick_gelu"),  # the only one vision.py runs
+}
 
 
 def text_config_from_dict(cfg: dict[str, Any], path: Path) -> TextConfig:
-    heads = int(_require(cfg, "num_attention_heads", path))
-    eos = cfg.get("eos_token_id", 2)
-    if isinstance(eos, list):  # some configs list several
-        eos = eos[0]
-    context = cfg.get("max_sequence_length") or cfg.get("max_position_embeddings") or 2048
-    return TextConfig(
-        hidden_size=int(_require(cfg, "hidden_size", path)),
-        num_hidden_layers=int(_require(cfg, "num_hidden_layers", path)),
-        num_attention_heads=heads,
-        num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-        intermediate_size=int(_require(cfg, "intermediate_size", path)),
-        vocab_size=int(_require(cfg, "vocab_size", path)),
-        max_position_embeddings=int(context),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        bos_token_id=int(cfg.get("bos_token_id", 1) if cfg.get("bos_token_id") is not None else 1),
-        eos_token_id=int(eos if eos is not None else 2),
-        head_dim=int(cfg.get("head_dim") or 0),
-    )
+    v = read_table(cfg, _TEXT_KEYS, str(path), ConfigError)
+    context = v.pop("max_sequence_length") or v["max_position_embeddings"]
+    try:
+        return TextConfig(**{**v, "max_position_embeddings": context,
+                             "num_key_value_heads": v["num_key_value_heads"] or v["num_attention_heads"],
+                             "head_dim": v["head_dim"] or 0})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def projector_type_of(name: str, path: Path) -> str:
@@ -55,32 +100,20 @@ def projector_type_of(name: str, path: Path) -> str:
     )
 
 
-def vision_config_from_dict(cfg: dict[str, Any], select_layer: int, select_feature: str) -> VisionConfig:
+def vision_config_from_dict(cfg: dict[str, Any], path: Path, select_layer: int, select_feature: str) -> VisionConfig:
     """From a CLIP config.json: a CLIPConfig (vision_config nested) or a CLIPVisionConfig."""
     v = cfg.get("vision_config", cfg)
-    d = VisionConfig()
-    return VisionConfig(
-        hidden_size=int(v.get("hidden_size", d.hidden_size)),
-        num_hidden_layers=int(v.get("num_hidden_layers", d.num_hidden_layers)),
-        num_attention_heads=int(v.get("num_attention_heads", d.num_attention_heads)),
-        intermediate_size=int(v.get("intermediate_size", d.intermediate_size)),
-        image_size=int(v.get("image_size", d.image_size)),
-        patch_size=int(v.get("patch_size", d.patch_size)),
-        layer_norm_eps=float(v.get("layer_norm_eps", d.layer_norm_eps)),
-        hidden_act=str(v.get("hidden_act", d.hidden_act)),
-        select_layer=select_layer,
-        select_feature=select_feature,
-    )
+    if not isinstance(v, dict):
+        raise ConfigError(f"{path}: vision_config is {short(v)}; expected an object")
+    try:
+        return VisionConfig(**read_table(v, _CLIP_KEYS, str(path), ConfigError), select_layer=select_layer,
+                            select_feature=select_feature)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_file(path, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
@@ -89,24 +122,22 @@ def read_json(path: Path) -> dict[str, Any]:
 def load_config(model_dir: Path) -> ModelConfig:
     """Read `model_dir/config.json`. The vision config is filled in later from the tower's weights."""
     path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found")
     cfg = read_json(path)
-    try:
-        text = text_config_from_dict(cfg, path)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: bad value ({e})") from None
+    text = text_config_from_dict(cfg, path)
     if "mm_projector_type" not in cfg:
         return ModelConfig(text=text, raw=cfg)
-    kind = projector_type_of(str(cfg["mm_projector_type"]), path)
-    tower_type = cfg.get("vision_tower_type", "clip")
-    if tower_type != "clip":
-        raise ConfigError(f"{path}: unsupported vision_tower_type {tower_type!r} (expected 'clip')")
-    mm_hidden = int(cfg.get("mm_hidden_size", 1024))
+    v = read_table(cfg, _VLM_KEYS, str(path), ConfigError)
     return ModelConfig(
         text=text,
         vision=None,
-        projector=ProjectorConfig(kind, mm_hidden, text.hidden_size),
-        mm_vision_tower=cfg.get("mm_vision_tower"),
-        image_aspect_ratio=str(cfg.get("image_aspect_ratio", "pad")),
+        projector=ProjectorConfig(projector_type_of(v["mm_projector_type"], path), v["mm_hidden_size"],
+                                  text.hidden_size),
+        mm_vision_tower=v["mm_vision_tower"],
+        image_aspect_ratio=v["image_aspect_ratio"],
+        select_layer=v["mm_vision_select_layer"],
+        select_feature=v["mm_vision_select_feature"],
         raw=cfg,
     )
 
@@ -127,21 +158,26 @@ def vision_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], tower: str 
     The sizes come from the shapes. The head count comes from KNOWN_CLIP when `tower` is one of its ids and the
     shapes agree with it; otherwise it is inferred from 64-wide heads, with a warning that says so.
     """
-    needed = [CLIP_EMBEDDINGS + "class_embedding", CLIP_EMBEDDINGS + "patch_embedding.weight",
-              CLIP_EMBEDDINGS + "position_embedding.weight", CLIP_LAYER.format(j=0) + "mlp.fc1.weight"]
+    needed = {CLIP_EMBEDDINGS + "class_embedding": 1, CLIP_EMBEDDINGS + "patch_embedding.weight": 4,
+              CLIP_EMBEDDINGS + "position_embedding.weight": 2, CLIP_LAYER.format(j=0) + "mlp.fc1.weight": 2}
     missing = [n for n in needed if n not in shapes]
     if missing:
         raise ConfigError(f"cannot infer the CLIP vision config: missing tensors {', '.join(missing)}")
-    C = int(shapes[needed[0]][0])
-    patch = int(shapes[needed[1]][-1])
-    positions = int(shapes[needed[2]][0])
+    wrong = [f"{n} {list(shapes[n])}" for n, dims in needed.items() if len(shapes[n]) != dims or 0 in shapes[n]]
+    if wrong:
+        raise ConfigError(f"cannot infer the CLIP vision config from the shapes of {', '.join(wrong)}")
+    class_emb, patch_emb, pos_emb, fc1 = (shapes[n] for n in needed)
+    C, patch, positions = class_emb[0], patch_emb[-1], pos_emb[0]
     grid = math.isqrt(max(positions - 1, 0))
     if grid * grid != positions - 1:
         raise ConfigError(f"position_embedding has {positions} rows; expected 1 + a square number of patches")
-    layer_ids = [int(m.group(1)) for n in shapes if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", n))]
-    inferred = VisionConfig(hidden_size=C, num_hidden_layers=max(layer_ids) + 1,
+    layer_ids = {int(m.group(1)) for n in shapes if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", n))}
+    if layer_ids != set(range(len(layer_ids))) or len(layer_ids) > MAX_LAYERS:
+        raise ConfigError(f"the vision tower's layers are numbered {short(sorted(layer_ids))}; expected 0 to n - 1 "
+                          f"with n at most {MAX_LAYERS}")
+    inferred = VisionConfig(hidden_size=C, num_hidden_layers=len(layer_ids),
                             num_attention_heads=max(C // OPENAI_HEAD_DIM, 1),
-                            intermediate_size=int(shapes[needed[3]][0]), image_size=grid * patch, patch_size=patch,
+                            intermediate_size=fc1[0], image_size=grid * patch, patch_size=patch,
                             select_layer=select_layer, select_feature=select_feature)
     known = KNOWN_CLIP.get(str(tower))
     if known is not None and (known.hidden_size, known.intermediate_size, known.image_size, known.patch_size) == (

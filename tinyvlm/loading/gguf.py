@@ -25,7 +25,8 @@ import numpy as np
 from tinyvlm.backends import Backend
 from tinyvlm.config import ModelConfig
 from tinyvlm.config.gguf import text_config_from_gguf, vision_configs_from_mmproj
-from tinyvlm.errors import WeightsError
+from tinyvlm.errors import ConfigError, TokenizerError, WeightsError
+from tinyvlm.limits import text
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, from_gguf_blocks, quantize
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.projector import build_projector
@@ -34,7 +35,7 @@ from tinyvlm.quantize import CONVERTED_KIND, DIRECT_KINDS, Progress, block_kind
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, vision_needed_names
 from tinyvlm.vlm import VLM
-from tinyvlm.weights.checked import check_tensors, listing
+from tinyvlm.weights.checked import check_layer_count, check_tensors, listing
 from tinyvlm.weights.gguf import MAGIC, GGUFTensor, read_gguf, to_float32
 from tinyvlm.weights.names import hf_name, mmproj_name, unpermute_qk, unsqueeze
 
@@ -81,7 +82,10 @@ def load_gguf(path: str | Path, quant: str | None, backend: Backend,
     """A VLM from an LLM GGUF file (llama architecture): text-only, or with the image side of an mmproj file."""
     path = Path(path)
     f = read_gguf(path)
-    text_cfg = text_config_from_gguf(f.metadata, f.tensors)
+    try:
+        text_cfg = text_config_from_gguf(f.metadata, f.tensors)
+    except (ConfigError, WeightsError) as e:
+        raise type(e)(f"{path}: {e}") from None
     tokenizer = Tokenizer.from_gguf(f.metadata)
     mm = None if mmproj is None else _read_mmproj(Path(mmproj), text_cfg.hidden_size, backend)  # fails fast
     weights: dict[str, np.ndarray | QuantizedMatrix] = {}
@@ -119,7 +123,9 @@ def load_gguf(path: str | Path, quant: str | None, backend: Backend,
         vision_cfg, projector_cfg, vision, projector = mm
         model_cfg = ModelConfig(text=text_cfg, vision=vision_cfg, projector=projector_cfg, raw=dict(f.metadata))
         vlm = VLM(model_cfg, tokenizer, language, vision, projector, path=path)
-    vlm.template = detect(f.metadata.get("tokenizer.chat_template"))
+    template = f.metadata.get("tokenizer.chat_template")
+    vlm.template = detect(None if template is None else text(template, f"{path}: tokenizer.chat_template",
+                                                             TokenizerError))
     kinds = {t.type_name for t in f.tensors.values() if len(t.shape) == 2}
     vlm.quant = quant or "/".join(sorted(k for k in kinds if k not in FLOAT_TYPES)) or None
     return vlm
@@ -133,6 +139,8 @@ def _read_mmproj(path: Path, hidden_size: int, backend: Backend) -> tuple:
         raise WeightsError(f"{path}: not an mmproj file (expected general.architecture 'clip' with a vision "
                            f"encoder; found {meta.get('general.architecture')!r})")
     vision_cfg, projector_cfg = vision_configs_from_mmproj(meta, hidden_size, path)
+    stored_layers = meta["clip.vision.block_count"]  # checked by vision_configs_from_mmproj
+    check_layer_count(f.tensors, r"v\.blk\.(\d+)\.", stored_layers, "clip.vision.block_count", str(path))
     needed = vision_needed_names(vision_cfg)
     vision_w: dict[str, np.ndarray] = {}
     projector_w: dict[str, np.ndarray] = {}

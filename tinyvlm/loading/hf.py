@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from tinyvlm.backends import Backend
 from tinyvlm.config import ModelConfig
 from tinyvlm.config.hf import load_config, read_json, vision_config_from_dict, vision_config_from_shapes
-from tinyvlm.errors import ModelNotFound, TinyVLMError, WeightsError
+from tinyvlm.errors import ConfigError, ModelNotFound, TinyVLMError, WeightsError
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.loading.hub import resolve_model
 from tinyvlm.projector import build_projector, projector_expected_shapes
@@ -24,6 +25,7 @@ from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, vision_expected_shapes, vision_needed_names
 from tinyvlm.vlm import VLM
 from tinyvlm.weights import TensorStore, is_ignorable_buffer, open_checkpoint
+from tinyvlm.weights.checked import check_layer_count
 
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_NAME_PREFIXES = ("model.vision_tower.vision_tower.", "vision_tower.", "")  # MobileVLM's; a CLIP repo's has none
@@ -35,12 +37,15 @@ class _Tower:
                  warn: bool = True) -> None:
         self.store, self.prefix = store, prefix
         shapes = {n[len(prefix):]: store.shape(n) for n in store.names() if n.startswith(prefix + "vision_model.")}
-        layer = int(cfg.raw.get("mm_vision_select_layer", -2))
-        feature = str(cfg.raw.get("mm_vision_select_feature", "patch"))
+        layer, feature = cfg.select_layer, cfg.select_feature
         if config_dir is not None and (config_dir / "config.json").is_file():
-            self.config = vision_config_from_dict(read_json(config_dir / "config.json"), layer, feature)
+            path = config_dir / "config.json"
+            self.config = vision_config_from_dict(read_json(path), path, layer, feature)
         else:
-            self.config = vision_config_from_shapes(shapes, cfg.mm_vision_tower, layer, feature, warn=warn)
+            try:
+                self.config = vision_config_from_shapes(shapes, cfg.mm_vision_tower, layer, feature, warn=warn)
+            except ConfigError as e:
+                raise ConfigError(f"{', '.join(map(str, store.files()))}: {e}") from None
 
     def published(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the tower's published layout, with the store's names."""
@@ -62,6 +67,8 @@ def load_dir(path_or_repo_id: str | Path, quant: str | None, backend: Backend, p
     files = ", ".join(map(str, store.files()))
     file_kinds = read_quantized(store.metadata, files, store.names())
     file_quant = store.metadata.get("quant") if file_kinds else None
+    check_layer_count(store.names(), r"model\.layers\.(\d+)\.", cfg.text.num_hidden_layers,
+                      f"{model_dir / 'config.json'} num_hidden_layers", files)
     if file_kinds and quant not in (None, file_quant):
         raise TinyVLMError(f"{files}: already quantized as {file_quant}; it cannot be loaded as {quant}")
 
@@ -109,8 +116,7 @@ def load_dir(path_or_repo_id: str | Path, quant: str | None, backend: Backend, p
                               ignore=lambda n: True)
         vision = VisionTower(tower.config, tower.store.view(vision_names, tower.prefix, tick), backend)
         projector = build_projector(cfg.projector, store.view(proj_names, PROJECTOR_PREFIX, tick), backend)
-    cfg = ModelConfig(cfg.text, tower.config if tower else None, cfg.projector, cfg.mm_vision_tower,
-                      cfg.image_aspect_ratio, cfg.raw)
+    cfg = replace(cfg, vision=tower.config if tower else None)
     vlm = VLM(cfg, tokenizer, language, vision, projector, path=model_dir)
     vlm.quant = quant or file_quant
     vlm.quant_report = quant_report

@@ -14,7 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from tinyvlm.errors import ModelNotFound
+from tinyvlm.errors import ModelNotFound, WeightsError
+from tinyvlm.weights.store import file_kind, first_bytes
 
 # An id is "org/name" (or a bare "name"): letters, digits, '-', '_' and '.', one slash at most.
 _MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -37,8 +38,15 @@ def resolve_model(path_or_id: str | Path) -> Path:
     if path.is_dir():
         return path
     how = f"download it with `huggingface-cli download {path_or_id}` or pass a local directory"
+    if path.is_file():
+        kind = file_kind(path)
+        if kind is None:
+            raise WeightsError(f"{path}: not a GGUF file or a known weight format (first bytes: {first_bytes(path)}); "
+                               "pass a GGUF file or a model directory (holding config.json and the weights)")
+        raise ModelNotFound(f"{path} is a {kind} file; pass the model directory that holds it with config.json")
     if path.exists():
-        raise ModelNotFound(f"{path} is a file; pass the model directory (holding config.json and the weights)")
+        raise ModelNotFound(f"{path} is not a directory; pass the model directory (holding config.json and the "
+                            "weights)")
     if isinstance(path_or_id, Path) or not _MODEL_ID.fullmatch(path_or_id):
         raise ModelNotFound(f"no model directory {path}; pass a directory holding config.json and the weights")
     repo = hub_cache_dir() / ("models--" + path_or_id.replace("/", "--"))

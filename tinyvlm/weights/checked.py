@@ -6,10 +6,12 @@ GGUF loaders.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tinyvlm.errors import WeightsError
+from tinyvlm.limits import short
 
 MAX_LISTED = 20  # names listed per kind of problem
 
@@ -47,3 +49,12 @@ def read_checked(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, .
     w = {n: weights[n] for n in expected if n in weights}
     check_tensors({n: tuple(a.shape) for n, a in w.items()}, expected, f"{what} weights")
     return w
+
+
+def check_layer_count(names: Iterable[str], pattern: str, count: int, what: str, where: str) -> None:
+    """The layers the tensor `names` hold (their numbers, group 1 of `pattern`) must be exactly 0 .. count - 1: a
+    WeightsError naming `what` says otherwise. Run before anything is built per layer from a count in a header."""
+    numbers = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
+    if numbers != set(range(count)):
+        held = f"layers {min(numbers)} to {max(numbers)} ({len(numbers)} in all)" if numbers else "no layer"
+        raise WeightsError(f"{where}: {what} is {count}, but the weights hold {held}")

@@ -8,6 +8,10 @@ is memory-mapped once and a cursor walks the little-endian header:
     tensor infos: string name, uint32 n_dims, n_dims x uint64 ne, uint32 ggml type, uint64 offset
     padding to `general.alignment` (default 32), then the data section; offsets are relative to its start.
 
+Every count is checked against the bytes left before anything is built from it, arrays of arrays nest at most
+MAX_NESTING deep, the metadata arrays hold at most MAX_ARRAY_ITEMS values in all, and the tensors must lie in the
+data section as llama.cpp requires: in order, each at the previous one's end rounded up to the alignment.
+
 ggml lists dimensions fastest first (ne[0] is the contiguous one), so a weight with ne = [in, out] is our
 (out, in): shapes are reversed here, once. Block types and dequantizers live in gguf_quants.py.
 """
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from tinyvlm.errors import WeightsError
+from tinyvlm.limits import MAX_ARRAY_ITEMS, MAX_NESTING, short
 from tinyvlm.weights import gguf_quants
 
 MAGIC = b"GGUF"
@@ -62,6 +67,15 @@ class _Cursor:
 
     def __init__(self, buf: memoryview, path: Path) -> None:
         self.buf, self.pos, self.path = buf, 0, path
+        self.items_left = MAX_ARRAY_ITEMS  # metadata array values still allowed
+
+    def count(self, what: str, min_bytes: int) -> int:
+        """A uint64 count of things that take at least `min_bytes` each, checked against the bytes left."""
+        n = self.scalar("<Q", what)
+        if n * min_bytes > len(self.buf) - self.pos:
+            raise WeightsError(f"{self.path}: {what} is {n}, but {len(self.buf) - self.pos} bytes are left for them "
+                               f"(each takes at least {min_bytes}): the count is corrupt or the file truncated")
+        return n
 
     def _need(self, n: int, what: str) -> None:
         if self.pos + n > len(self.buf):
@@ -85,25 +99,30 @@ class _Cursor:
         except UnicodeDecodeError as err:
             raise WeightsError(f"{self.path}: {what} is not valid UTF-8 ({err})") from None
 
-    def value(self, type_id: int, what: str) -> Any:
+    def value(self, type_id: int, what: str, depth: int = 0) -> Any:
         if type_id == STRING:
             return self.string(what)
         if type_id == ARRAY:
-            return self.array(what)
+            if depth >= MAX_NESTING:
+                raise WeightsError(f"{self.path}: {what} nests arrays more than {MAX_NESTING} deep")
+            return self.array(what, depth + 1)
         if type_id not in _SCALARS:
             raise WeightsError(f"{self.path}: {what} has unknown GGUF value type {type_id}")
         return self.scalar(_SCALARS[type_id], what)
 
-    def array(self, what: str) -> list[Any]:
+    def array(self, what: str, depth: int) -> list[Any]:
         item_type = self.scalar("<I", what)
-        n = self.scalar("<Q", what)
+        size = struct.calcsize(_SCALARS[item_type]) if item_type in _SCALARS else 8 if item_type == STRING else 12
+        n = self.count(f"{what} length", size)  # a string takes 8 bytes or more, an array 12
+        if n > self.items_left:
+            raise WeightsError(f"{self.path}: {what} has {n} values; the metadata arrays may hold "
+                               f"{MAX_ARRAY_ITEMS} in all")
+        self.items_left -= n
         if item_type in _SCALARS:  # fixed size: one NumPy read for the whole array
-            dtype = np.dtype(_SCALARS[item_type])
-            self._need(n * dtype.itemsize, what)
-            values = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).tolist()
-            self.pos += n * dtype.itemsize
+            values = np.frombuffer(self.buf, dtype=np.dtype(_SCALARS[item_type]), count=n, offset=self.pos).tolist()
+            self.pos += n * size
             return values
-        return [self.value(item_type, f"{what}[{i}]") for i in range(n)]
+        return [self.value(item_type, f"{what}[{i}]", depth) for i in range(n)]
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
@@ -125,58 +144,63 @@ def read_gguf(path: str | Path) -> GGUFFile:
         hint = " (a big-endian file?)" if version in (2 << 24, 3 << 24) else ""
         raise WeightsError(f"{path}: unsupported GGUF version {version}{hint}; tinyvlm reads versions 2 and 3")
     n_tensors = cur.scalar("<Q", "tensor count")
-    n_kv = cur.scalar("<Q", "metadata count")
+    n_kv = cur.count("metadata count", 8 + 4 + 1)  # key length, value type, one byte of value
+    if n_tensors * (8 + 4 + 8 + 4 + 8) > len(cur.buf):  # name length, n_dims, one dim, type, offset
+        raise WeightsError(f"{path}: tensor count {n_tensors} cannot fit in {len(cur.buf)} bytes: the count is "
+                           "corrupt or the file truncated")
 
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key {i}")
         if key in metadata:
-            raise WeightsError(f"{path}: metadata key {key!r} appears twice")
-        metadata[key] = cur.value(cur.scalar("<I", f"type of {key!r}"), f"metadata {key!r}")
+            raise WeightsError(f"{path}: metadata key {short(key)} appears twice")
+        metadata[key] = cur.value(cur.scalar("<I", f"type of {short(key)}"), f"metadata {short(key)}")
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     power_of_two = type(alignment) is int and alignment > 0 and not alignment & (alignment - 1)
     if not power_of_two:
-        raise WeightsError(f"{path}: general.alignment is {alignment!r}, expected a power of two")
+        raise WeightsError(f"{path}: general.alignment is {short(alignment)}, expected a power of two")
 
     infos = [_tensor_info(cur, i) for i in range(n_tensors)]
     data_offset = -(-cur.pos // alignment) * alignment  # round up
     tensors: dict[str, GGUFTensor] = {}
+    expected_offset = 0
     for name, ne, type_id, offset in infos:
         if name in tensors:
-            raise WeightsError(f"{path}: tensor {name!r} appears twice")
-        tensors[name] = _map_tensor(mapped, path, name, ne, type_id, offset, data_offset, alignment)
+            raise WeightsError(f"{path}: tensor {short(name)} appears twice")
+        if offset != expected_offset:
+            raise WeightsError(f"{path}: tensor {short(name)} is at data offset {offset}, expected {expected_offset} "
+                               "(tensors lie in order, each aligned after the one before)")
+        tensors[name] = _map_tensor(mapped, path, name, ne, type_id, offset, data_offset)
+        expected_offset = -(-(offset + tensors[name].raw.size) // alignment) * alignment
     return GGUFFile(path, version, metadata, tensors, alignment, data_offset)
 
 
 def _tensor_info(cur: _Cursor, i: int) -> tuple[str, list[int], int, int]:
     name = cur.string(f"tensor {i} name")
-    n_dims = cur.scalar("<I", f"tensor {name!r} n_dims")
+    n_dims = cur.scalar("<I", f"tensor {short(name)} n_dims")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise WeightsError(f"{cur.path}: tensor {name!r} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
-    ne = [cur.scalar("<Q", f"tensor {name!r} dims") for _ in range(n_dims)]
-    type_id = cur.scalar("<I", f"tensor {name!r} type")
-    offset = cur.scalar("<Q", f"tensor {name!r} offset")
+        raise WeightsError(f"{cur.path}: tensor {short(name)} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
+    ne = [cur.scalar("<Q", f"tensor {short(name)} dims") for _ in range(n_dims)]
+    type_id = cur.scalar("<I", f"tensor {short(name)} type")
+    offset = cur.scalar("<Q", f"tensor {short(name)} offset")
     return name, ne, type_id, offset
 
 
 def _map_tensor(mapped: np.ndarray, path: Path, name: str, ne: list[int], type_id: int, offset: int,
-                data_offset: int, alignment: int) -> GGUFTensor:
+                data_offset: int) -> GGUFTensor:
     kind = gguf_quants.SUPPORTED.get(type_id)
     if kind is None:
         known = gguf_quants.OTHER_TYPE_NAMES.get(type_id)
         what = f"type {known} (ggml type {type_id}), which tinyvlm does not read" if known else \
             f"unknown ggml type {type_id}"
-        raise WeightsError(f"{path}: tensor {name!r} has {what}; supported: {', '.join(gguf_quants.BY_NAME)}")
+        raise WeightsError(f"{path}: tensor {short(name)} has {what}; supported: {', '.join(gguf_quants.BY_NAME)}")
     if ne[0] % kind.block_size:
-        raise WeightsError(f"{path}: tensor {name!r} has {ne[0]} values per row, not a multiple of the "
+        raise WeightsError(f"{path}: tensor {short(name)} has {ne[0]} values per row, not a multiple of the "
                            f"{kind.name} block size {kind.block_size}")
-    if offset % alignment:
-        raise WeightsError(f"{path}: tensor {name!r} starts at data offset {offset}, which is not a multiple "
-                           f"of the alignment {alignment}")
     size = gguf_quants.nbytes(kind.name, math.prod(ne))
     start = data_offset + offset
     if start + size > mapped.size:
-        raise WeightsError(f"{path}: tensor {name!r} ({kind.name}, {size} bytes at byte {start}) runs past the "
+        raise WeightsError(f"{path}: tensor {short(name)} ({kind.name}, {size} bytes at byte {start}) runs past the "
                            f"end of the file ({mapped.size} bytes): the file is truncated or corrupt")
     return GGUFTensor(name, kind.name, tuple(reversed(ne)), mapped[start : start + size])
 

@@ -8,14 +8,15 @@ but reporting every problem at once (style.md b3).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from tinyvlm.errors import ModelNotFound, WeightsError
+from tinyvlm.limits import read_json_file, short
 from tinyvlm.weights.checked import check_tensors
+from tinyvlm.weights.gguf import MAGIC as GGUF_MAGIC
 from tinyvlm.weights.safetensors import FLOAT_TAGS, RawTensor, read_safetensors_with_metadata
 from tinyvlm.weights.torch_bin import ZIP_MAGIC, read_torch_bin
 
@@ -64,7 +65,7 @@ class TensorStore:
         return sorted(set(self._files.values()))
 
     def view(self, names: Iterable[str], prefix: str = "", on_read: Callable[[], None] | None = None) -> "StoreView":
-        """A read-only Mapping of `names` (looked up as prefix + name) to float32 arrays, read on access."""
+        """A read-only Mapping of `names` (looked up as prefix + name) to float32 arrays, read on access (`weight`)."""
         return StoreView(self, set(names), prefix, on_read)
 
     def stored(self, name: str) -> np.ndarray:
@@ -90,6 +91,15 @@ class TensorStore:
                 return raw.data
             return raw.data.astype(np.float32, order="C")
         return np.ascontiguousarray(raw.data)
+
+    def weight(self, name: str) -> np.ndarray:
+        """`get` for a tensor that must be a float weight: a WeightsError if it is stored as integers or bools (a
+        file whose dtypes were relabelled, BF16 read as I16, would otherwise load integers as weights)."""
+        tag = self._raw(name).dtype
+        if tag not in FLOAT_TAGS:
+            raise WeightsError(f"{self.file_of(name)}: tensor {name!r} is stored as {tag}; a weight must be one of "
+                               f"{', '.join(sorted(FLOAT_TAGS))}")
+        return self.get(name)
 
     def check(
         self,
@@ -125,7 +135,7 @@ class StoreView(Mapping[str, np.ndarray]):
             raise KeyError(name)
         if self.on_read is not None:
             self.on_read()
-        return self.store.get(self.prefix + name)
+        return self.store.weight(self.prefix + name)
 
     def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
         return name in self.names
@@ -158,10 +168,8 @@ def open_checkpoint(model_dir: Path) -> TensorStore:
 
 def _open_index(index_path: Path) -> TensorStore:
     """Open the shards an index's weight_map names, checking that each shard holds the tensors mapped to it."""
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise WeightsError(f"{index_path}: not a readable index (expected JSON with a 'weight_map' object): {e}") from e
+    index = read_json_file(index_path, WeightsError)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WeightsError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
     tensors: dict[str, RawTensor] = {}
@@ -169,7 +177,7 @@ def _open_index(index_path: Path) -> TensorStore:
     metadata: dict[str, str] = {}
     for shard_name in sorted(set(weight_map.values())):
         if Path(shard_name).name != shard_name:
-            raise WeightsError(f"{index_path}: shard {shard_name!r} is not a plain file name in the same directory")
+            raise WeightsError(f"{index_path}: shard {short(shard_name)} is not a plain file name in the same directory")
         shard = index_path.parent / shard_name
         if not shard.is_file():
             raise WeightsError(f"{index_path}: names shard {shard_name}, which is missing from {index_path.parent}")
@@ -185,12 +193,30 @@ def _open_index(index_path: Path) -> TensorStore:
     return TensorStore(tensors, files, metadata)
 
 
-def _read_any(path: Path) -> tuple[dict[str, RawTensor], dict[str, str]]:
-    """(tensors, metadata); dispatch on magic bytes: a zip is a torch checkpoint, a length + '{' safetensors."""
+def file_kind(path: Path) -> str | None:
+    """What a weight file is by its first bytes: "GGUF", "safetensors", "PyTorch zip" or None."""
     with open(path, "rb") as f:
         head = f.read(9)
+    if head[:4] == GGUF_MAGIC:
+        return "GGUF"
     if head[:4] == ZIP_MAGIC:
+        return "PyTorch zip"
+    return "safetensors" if len(head) == 9 and head[8:9] == b"{" else None
+
+
+def first_bytes(path: Path, n: int = 8) -> str:
+    """The first n bytes of a file in hex and as text, for messages about a file of unknown kind."""
+    with open(path, "rb") as f:
+        head = f.read(n)
+    return f"{head.hex(' ')} ({head!r})" if head else "none: the file is empty"
+
+
+def _read_any(path: Path) -> tuple[dict[str, RawTensor], dict[str, str]]:
+    """(tensors, metadata); dispatch on magic bytes: a zip is a torch checkpoint, a length + '{' safetensors."""
+    kind = file_kind(path)
+    if kind == "PyTorch zip":
         return read_torch_bin(path), {}
-    if len(head) == 9 and head[8:9] == b"{":
+    if kind == "safetensors":
         return read_safetensors_with_metadata(path)
-    raise WeightsError(f"{path}: neither a safetensors file nor a PyTorch zip checkpoint (or truncated)")
+    raise WeightsError(f"{path}: neither a safetensors file nor a PyTorch zip checkpoint (first bytes: "
+                       f"{first_bytes(path)})")

@@ -9,25 +9,37 @@ storages arrive through `persistent_load(('storage', <StorageType>, key, locatio
 A pickle can call any importable function, so the unpickler here resolves only those rebuild globals (to our
 own NumPy versions) and refuses every other global before anything runs. Storage members are stored
 uncompressed by torch, so they are zero-copy views into one memory map of the whole file; a compressed member
-is read into memory.
+(a re-zipped checkpoint) is read into memory, at most INFLATE_RATIO times the file's size in all, so that a zip
+bomb is refused. Every tensor is a view that fits its storage; one whose elements share memory (an expanded
+tensor, stride 0) counts its bytes against the same budget, since reading it makes them.
 """
 from __future__ import annotations
 
 import collections
 import io
+import lzma
 import math
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from tinyvlm.errors import WeightsError
+from tinyvlm.limits import MAX_DIMS, MAX_PICKLE_BYTES, short
 from tinyvlm.weights.safetensors import DTYPES, RawTensor, map_file
 
 ZIP_MAGIC = b"PK\x03\x04"
+INFLATE_RATIO = 16  # compressed members may inflate to this many times the file's size (plus INFLATE_SLACK)
+INFLATE_SLACK = 64 * 2**20
+# What zipfile raises for a corrupt archive, besides BadZipFile: RuntimeError for an encrypted member,
+# NotImplementedError for an unknown compression method, UnicodeDecodeError (a ValueError) for a name that is not
+# UTF-8, and the decompressors' own errors.
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError, OSError,
+              ValueError, struct.error, zlib.error, lzma.LZMAError, OverflowError)
 
 # torch.<Name>Storage -> dtype tag. These globals only ever appear as markers inside persistent ids.
 STORAGE_TAGS = {
@@ -76,8 +88,8 @@ def read_torch_bin(path: Path) -> dict[str, RawTensor]:
     try:
         with zipfile.ZipFile(path) as archive:
             return _ZipCheckpoint(path, archive).load()
-    except zipfile.BadZipFile as e:
-        raise WeightsError(f"{path}: truncated or corrupt zip archive ({e})") from e
+    except ZIP_ERRORS as e:
+        raise WeightsError(f"{path}: truncated or corrupt zip archive ({type(e).__name__}: {e})") from None
 
 
 class _ZipCheckpoint:
@@ -90,9 +102,16 @@ class _ZipCheckpoint:
         self.byteorder = self._read_byteorder()
         self.file_bytes: np.ndarray | None = None  # the memory map, made on the first stored member
         self.storages: dict[str, _Storage] = {}
+        self.inflate_budget = INFLATE_RATIO * Path(path).stat().st_size + INFLATE_SLACK  # bytes left to decompress
 
     def load(self) -> dict[str, RawTensor]:
-        unpickler = _RestrictedUnpickler(io.BytesIO(self.archive.read(f"{self.root}/data.pkl")), self)
+        pickle_info = self.archive.getinfo(f"{self.root}/data.pkl")
+        if pickle_info.file_size > MAX_PICKLE_BYTES:
+            raise WeightsError(f"{self.path}: data.pkl has {pickle_info.file_size} bytes, above the limit of "
+                               f"{MAX_PICKLE_BYTES}")
+        with self.archive.open(pickle_info) as member:
+            pickled = member.read(MAX_PICKLE_BYTES + 1)
+        unpickler = _RestrictedUnpickler(io.BytesIO(pickled), self)
         try:
             state = unpickler.load()
         except WeightsError:
@@ -104,7 +123,7 @@ class _ZipCheckpoint:
         for name, value in state.items():
             if not isinstance(name, str) or not isinstance(value, RawTensor):
                 raise WeightsError(
-                    f"{self.path}: expected a state dict (name -> tensor), found {type(value).__name__} at {name!r}"
+                    f"{self.path}: expected a state dict (name -> tensor), found {type(value).__name__} at {short(name)}"
                 )
         return dict(state)
 
@@ -146,13 +165,26 @@ class _ZipCheckpoint:
         if info.file_size < nbytes:
             raise WeightsError(f"{self.path}: storage {member!r} has {info.file_size} bytes, the pickle needs {nbytes}")
         if info.compress_type != zipfile.ZIP_STORED:
-            return np.frombuffer(self.archive.read(member), dtype=np.uint8)[:nbytes]
+            self._inflate(nbytes, f"compressed storage {member!r}")
+            with self.archive.open(info) as f:
+                data = f.read(nbytes)
+            if len(data) < nbytes:
+                raise WeightsError(f"{self.path}: compressed storage {member!r} ends after {len(data)} of {nbytes} "
+                                   "bytes")
+            return np.frombuffer(data, dtype=np.uint8)
         if self.file_bytes is None:
             self.file_bytes = map_file(self.path)
         start = self._data_offset(info)
         if start + info.file_size > self.file_bytes.size:
             raise WeightsError(f"{self.path}: storage {member!r} runs past the end of the file; truncated?")
         return self.file_bytes[start : start + nbytes]
+
+    def _inflate(self, nbytes: int, what: str) -> None:
+        """Spend `nbytes` of the budget for bytes that are not in the file as such (see the module docstring)."""
+        if nbytes > self.inflate_budget:
+            raise WeightsError(f"{self.path}: {what} would make the checkpoint inflate past {INFLATE_RATIO} times "
+                               "the file's size in memory; refused as a zip or stride bomb")
+        self.inflate_budget -= nbytes
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         """Where a stored member's bytes begin: after its 30-byte local header, name and extra field."""
@@ -168,11 +200,14 @@ class _ZipCheckpoint:
         """torch._utils._rebuild_tensor_v2: a strided view of a storage, bounds-checked before it is made."""
         if not isinstance(storage, _Storage):
             raise WeightsError(f"{self.path}: a tensor is rebuilt from something that is not a storage")
-        ints = (offset, *size, *stride)
-        if len(size) != len(stride) or not all(isinstance(i, int) and i >= 0 for i in ints):
-            raise WeightsError(f"{self.path}: bad tensor geometry: offset {offset}, size {size}, stride {stride}")
+        if not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride) \
+                or len(size) > MAX_DIMS or not all(type(i) is int and i >= 0 for i in (offset, *size, *stride)):
+            raise WeightsError(f"{self.path}: bad tensor geometry: offset {short(offset)}, size {short(size)}, "
+                               f"stride {short(stride)}")
         count = math.prod(size)
         extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if count else 0
+        if count > storage.data.size:  # dims of stride 0 (an expanded tensor): reading it copies the shared elements
+            self._inflate(count * storage.data.itemsize, f"a tensor of size {size} from {storage.data.size} elements")
         if extent > storage.data.size:
             raise WeightsError(
                 f"{self.path}: a tensor of size {tuple(size)}, stride {tuple(stride)} at offset {offset} "
@@ -226,7 +261,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         qualified = f"{module}.{name}"
         if qualified not in self.allowed:
             raise WeightsError(
-                f"{self.checkpoint.path}: refuses to load: the pickle asks for global {qualified}; "
+                f"{self.checkpoint.path}: refuses to load: the pickle asks for global {short(qualified)}; "
                 "only tensor data is allowed"
             )
         return self.allowed[qualified]
@@ -239,6 +274,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
             and isinstance(pid[4], int) and pid[4] >= 0
         )
         if not ok:
-            raise WeightsError(f"{self.checkpoint.path}: unexpected persistent id in data.pkl: {pid!r}")
+            raise WeightsError(f"{self.checkpoint.path}: unexpected persistent id in data.pkl: {short(pid)}")
         _, kind, key, _location, numel = pid
         return self.checkpoint.storage(kind.tag, key, numel)
