@@ -228,6 +228,41 @@ def test_from_dir_rejects_byte_level_tokenizer_json(tmp_path: Path) -> None:
         Tokenizer.from_dir(tmp_path)
 
 
+@pytest.mark.parametrize("document, message", [
+    ({"model": 5}, "expected a SentencePiece-style BPE model with byte_fallback, found model 5"),
+    ({"model": {"type": ["BPE"], "byte_fallback": True}}, r"found type \['BPE'\]"),
+    ([1, 2], "expected a JSON object, found list"),
+    ({"model": {"type": "BPE", "byte_fallback": True, "vocab": 5}}, "the tokenizers library refuses it"),
+])
+def test_hostile_tokenizer_json(tmp_path: Path, document: object, message: str) -> None:
+    (tmp_path / "tokenizer.json").write_text(json.dumps(document))
+    with pytest.raises(TokenizerError, match=message) as err:
+        Tokenizer.from_dir(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hostile_tokenizer_config(tok: Tokenizer, tmp_path: Path) -> None:
+    tok._tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": "no"}')
+    with pytest.raises(TokenizerError, match="add_bos_token is 'no'; expected true or false"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: JSON nested too deep"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_hostile_tokenizer_model(shared_data: Path, tmp_path: Path) -> None:
+    """Flipped and cut protobuf bytes, and a piece too long to rank merges for, are TokenizerErrors."""
+    data = (shared_data / "llama-spm-vocab" / "tokenizer.model").read_bytes()
+    (tmp_path / "cut.model").write_bytes(data[: len(data) // 3])
+    piece = b"\x0a\xd0\x0f" + b"x" * 2000 + b"\x15" + bytes(4)  # field 1: the piece (2000 bytes), field 2: score
+    (tmp_path / "long.model").write_bytes(data + b"\x0a" + bytes([len(piece) & 0x7F | 0x80, len(piece) >> 7]) + piece)
+    with pytest.raises(TokenizerError, match="cut.model: not a valid SentencePiece model"):
+        Tokenizer.from_sentencepiece(tmp_path / "cut.model")
+    with pytest.raises(TokenizerError, match="long.model: unsupported SentencePiece model .a piece is longer than 1024"):
+        Tokenizer.from_sentencepiece(tmp_path / "long.model")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Streaming decode
 

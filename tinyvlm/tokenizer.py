@@ -19,21 +19,25 @@ GGUF files carry their vocabulary in `tokenizer.ggml.*` metadata (`Tokenizer.fro
 """
 from __future__ import annotations
 
-import codecs
 import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers
 
 from tinyvlm.errors import TokenizerError
+from tinyvlm.limits import MAX_PIECE_CHARS, MAX_TOKENIZER_BYTES, flag, read_json_file, short
+
+if TYPE_CHECKING:
+    from tinyvlm.stream import StreamDecoder
 from tinyvlm.gguf_vocab import BYTE_CHARS, GGUF_SOURCE, PRE_TOKENIZERS, build_byte_level, gguf_list, gguf_token_id
 from tinyvlm.weights.sentencepiece import (BPE, CONTROL, NORMAL, UNIGRAM, UNKNOWN, USER_DEFINED, SentencePieceModel,
                                            parse_sentencepiece)
 
+T = TypeVar("T")
 SPACE = "\u2581"  # "▁", SentencePiece's escaped whitespace
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -59,6 +63,8 @@ def _check_supported(sp: SentencePieceModel, path: str | Path) -> None:
         problems.append("it has no pieces")
     if len(set(sp.pieces)) != len(sp.pieces):
         problems.append("some pieces appear twice")
+    if any(len(p) > MAX_PIECE_CHARS for p in sp.pieces):
+        problems.append(f"a piece is longer than {MAX_PIECE_CHARS} characters")
     if problems:
         raise TokenizerError(f"{path}: unsupported SentencePiece model ({'; '.join(problems)}); "
                              "tinyvlm reads LLaMA-style BPE tokenizers only")
@@ -104,6 +110,10 @@ def _build(sp: SentencePieceModel) -> tokenizers.Tokenizer:
     return tk
 
 
+def _flag(metadata: dict[str, Any], key: str, default: bool) -> bool:
+    return flag(metadata.get(key, default), f"{GGUF_SOURCE}: {key}", TokenizerError)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public API
 
@@ -111,13 +121,21 @@ def _build(sp: SentencePieceModel) -> tokenizers.Tokenizer:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"{path}: cannot read it as JSON ({err})") from err
+    data = read_json_file(path, TokenizerError)
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+def _rust(build: Callable[[], T], where: object) -> T:
+    """build(), with what the tokenizers library raises for input it refuses as a TokenizerError: an Exception, or
+    pyo3's PanicException (a BaseException) when its Rust code panics."""
+    try:
+        return build()
+    except (TokenizerError, KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as err:
+        raise TokenizerError(f"{where}: the tokenizers library refuses it ({short(str(err))})") from None
 
 
 def _token_name(value: Any) -> str | None:
@@ -129,14 +147,12 @@ def _token_name(value: Any) -> str | None:
 
 def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
     """A tokenizer.json that holds a SentencePiece-style (byte-fallback BPE) tokenizer."""
-    model = _read_json(path).get("model", {})
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise TokenizerError(f"{path}: expected a SentencePiece-style BPE model with byte_fallback, "
-                             f"found type {model.get('type')!r} with byte_fallback {model.get('byte_fallback')!r}")
-    try:
-        return tokenizers.Tokenizer.from_file(str(path))
-    except Exception as err:  # the Rust side raises plain Exception
-        raise TokenizerError(f"{path}: cannot load it ({err})") from err
+    model = _read_json(path).get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("byte_fallback") is not True:
+        found = f"type {short(model.get('type'))} with byte_fallback {short(model.get('byte_fallback'))}" \
+            if isinstance(model, dict) else f"model {short(model)}"
+        raise TokenizerError(f"{path}: expected a SentencePiece-style BPE model with byte_fallback, found {found}")
+    return _rust(lambda: tokenizers.Tokenizer.from_file(str(path)), path)
 
 
 class Tokenizer:
@@ -158,13 +174,15 @@ class Tokenizer:
         """Read a SentencePiece `tokenizer.model` (BPE with byte fallback, as LLaMA's)."""
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_TOKENIZER_BYTES:
+                raise TokenizerError(f"{path}: {path.stat().st_size} bytes, above the limit of {MAX_TOKENIZER_BYTES}")
             sp = parse_sentencepiece(path.read_bytes())
         except OSError as err:
             raise TokenizerError(f"{path}: cannot read it ({err})") from err
         except (ValueError, UnicodeDecodeError) as err:
             raise TokenizerError(f"{path}: not a valid SentencePiece model ({err})") from err
         _check_supported(sp, path)
-        return cls(_build(sp), sp.bos_id, sp.eos_id)
+        return cls(_rust(lambda: _build(sp), path), sp.bos_id, sp.eos_id)
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
@@ -181,19 +199,20 @@ class Tokenizer:
         if model == "llama":  # the SentencePiece path, with the settings llama.cpp assumes for it
             scores = gguf_list(metadata, "tokenizer.ggml.scores", float, n)
             unk = gguf_token_id(metadata, "tokenizer.ggml.unknown_token_id", n, 0)
-            dummy_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+            dummy_prefix = _flag(metadata, "tokenizer.ggml.add_space_prefix", True)
             sp = SentencePieceModel(tokens, scores, types, model_type=BPE, byte_fallback=True, unk_id=unk,
                                     bos_id=bos, eos_id=eos, add_dummy_prefix=dummy_prefix,
                                     remove_extra_whitespaces=False, escape_whitespaces=True)
             _check_supported(sp, GGUF_SOURCE)
-            return cls(_build(sp), bos, eos, bool(metadata.get("tokenizer.ggml.add_bos_token", True)))
+            return cls(_rust(lambda: _build(sp), GGUF_SOURCE), bos, eos,
+                       _flag(metadata, "tokenizer.ggml.add_bos_token", True))
         pre = metadata.get("tokenizer.ggml.pre", "default")
-        if pre not in PRE_TOKENIZERS:
-            raise TokenizerError(f"{GGUF_SOURCE}: tokenizer.ggml.pre {pre!r} is not supported "
+        if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
+            raise TokenizerError(f"{GGUF_SOURCE}: tokenizer.ggml.pre {short(pre)} is not supported "
                                  f"(tinyvlm knows {', '.join(PRE_TOKENIZERS)})")
         merges = gguf_list(metadata, "tokenizer.ggml.merges", str)
-        tk = build_byte_level(tokens, types, merges, pre)
-        return cls(tk, bos, eos, bool(metadata.get("tokenizer.ggml.add_bos_token", False)))
+        tk = _rust(lambda: build_byte_level(tokens, types, merges, pre), GGUF_SOURCE)
+        return cls(tk, bos, eos, _flag(metadata, "tokenizer.ggml.add_bos_token", False))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -216,7 +235,9 @@ class Tokenizer:
             special[key] = tk.token_to_id(name)
             if special[key] is None:
                 raise TokenizerError(f"{model_dir}: {key} {name!r} is not in the vocabulary")
-        return cls(tk, special["bos_token"], special["eos_token"], bool(settings.get("add_bos_token", True)))
+        add_bos = settings.get("add_bos_token", True)
+        return cls(tk, special["bos_token"], special["eos_token"],
+                   flag(add_bos, f"{model_dir}: tokenizer_config.json add_bos_token", TokenizerError))
 
     @property
     def bos_id(self) -> int:
@@ -257,72 +278,6 @@ class Tokenizer:
         return bytes([int(byte.group(1), 16)]) if byte else piece.replace(SPACE, " ").encode("utf-8")
 
     def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
+        from tinyvlm.stream import StreamDecoder
+
         return StreamDecoder(self, skip_special)
-
-
-class StreamDecoder:
-    """Turns generated ids into text one id at a time.
-
-    Byte-fallback pieces are held until they complete a UTF-8 character, and the single leading space that
-    `decode` strips from the whole text (when the model adds a dummy prefix) is stripped here from the first
-    text produced. For ids whose byte
-    pieces form valid UTF-8 (everything `encode` returns), the pushes plus flush equal `decode(ids)`.
-    A byte that cannot be part of valid UTF-8 becomes one U+FFFD as soon as that is known (SentencePiece's
-    rule; `decode` instead replaces every byte of a run of byte pieces that is not valid as a whole).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
-        self._tokenizer = tokenizer
-        self._skip_special = skip_special
-        self._pending = b""  # the first bytes of an unfinished UTF-8 character
-        self._at_start = tokenizer.strips_leading_space
-        # Byte-level pieces may hold any run of bytes: decoded incrementally, as `decode` does for the whole.
-        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace") if tokenizer.byte_level else None
-
-    def push(self, token_id: int) -> str:
-        """Add one id; return the text it completes (often "", e.g. inside a multi-byte character)."""
-        data = self._tokenizer.token_bytes(token_id, self._skip_special)
-        if not data:  # a skipped special token: decode drops it before joining byte pieces, so do we
-            return ""
-        if self._bytes is not None:
-            return self._emit(self._bytes.decode(data))
-        if len(data) == 1 and data[0] >= 0x80:  # a byte piece that may start or continue a character
-            return self._emit(self._push_byte(data))
-        return self._emit(self._drop_pending() + data.decode("utf-8"))
-
-    def flush(self) -> str:
-        """Text still held back: an unfinished character at the end becomes one U+FFFD per byte
-        (one U+FFFD in all for a byte-level tokenizer, as its `decode` does)."""
-        if self._bytes is not None:
-            return self._emit(self._bytes.decode(b"", final=True))
-        return self._emit(self._drop_pending())
-
-    def _push_byte(self, byte: bytes) -> str:
-        joined = _utf8_split(self._pending + byte)
-        if joined is not None:
-            text, self._pending = joined
-            return text
-        lost = self._drop_pending()  # the held bytes can no longer complete a character
-        alone = _utf8_split(byte)
-        if alone is None:
-            return lost + "\ufffd"
-        text, self._pending = alone
-        return lost + text
-
-    def _drop_pending(self) -> str:
-        text, self._pending = "\ufffd" * len(self._pending), b""
-        return text
-
-    def _emit(self, text: str) -> str:
-        if self._at_start and text:
-            self._at_start = False
-            return text.removeprefix(" ")
-        return text
-
-
-def _utf8_split(data: bytes) -> tuple[str, bytes] | None:
-    """(text, b"") when data is whole UTF-8, ("", data) when it is the start of one character, else None."""
-    try:
-        return data.decode("utf-8"), b""
-    except UnicodeDecodeError as err:
-        return ("", data) if err.reason == "unexpected end of data" else None
