@@ -1,6 +1,8 @@
 """LanguageModel and KVCache against transformers' LlamaForCausalLM (float32, eager attention, random weights)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from tinyvlm.backends import Backend, make
 from tinyvlm.config import TextConfig
 from tinyvlm.errors import PromptError, WeightsError
 from tinyvlm.kernels import rope_tables
+from tinyvlm.cache import INITIAL_POSITIONS
 from tinyvlm.language import LanguageModel, language_expected_shapes
 
 VOCAB = 1000
@@ -145,6 +148,22 @@ def test_chunk_past_cache_and_bad_ids() -> None:
     with pytest.raises(PromptError, match=r"shape \(T>0, 128\)"):
         lm.forward(np.zeros((2, 64), dtype=np.float32), lm.new_cache())
     assert lm.embed([]).shape == (0, 128)
+
+
+def test_huge_context_allocates_only_what_is_used(models: tuple[LlamaForCausalLM, LanguageModel],
+                                                  backend: Backend) -> None:
+    """A context of 2**24 positions (the limit a file may state): the RoPE tables and the cache are sized by the
+    positions used, and the logits are those of the same model with a small context."""
+    ref, lm = models
+    weights = {name: t.detach().numpy().copy() for name, t in ref.state_dict().items()}
+    if lm.cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    big = LanguageModel(replace(lm.cfg, max_position_embeddings=2**24), weights, backend)
+    cache, ids = big.new_cache(), prompt(20)
+    logits = big.forward(big.embed(ids), cache, all_logits=True)
+    assert big.rope_cos.shape[0] == 256 and cache.k.shape[1] == INITIAL_POSITIONS and cache.free == 2**24 - 20
+    np.testing.assert_allclose(logits, lm.forward(lm.embed(ids), lm.new_cache(), all_logits=True), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_weight_problems_listed_together() -> None:

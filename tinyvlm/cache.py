@@ -7,6 +7,9 @@ advances `pos` once at the end. Why position-major: the arrays are allocated unt
 resident as it is first written. With the heads outermost (L, Hkv, S, Dh, as llama2.c and gpt-fast keep it),
 the first token of every head touched its own pages, and with NumPy's transparent huge pages a 192-token
 prompt made the whole 800 MB cache of MobileLLaMA-1.4B resident (prefill 0.46 s slower on the reference VM).
+
+The arrays hold room for at most INITIAL_POSITIONS at first and double when a chunk needs more, up to `max_len`:
+a context length comes from a model file, and 2**24 positions of a 7B model would be terabytes of address space.
 """
 from __future__ import annotations
 
@@ -14,19 +17,20 @@ from tinyvlm.backends import Array, Backend
 from tinyvlm.errors import PromptError
 
 
+INITIAL_POSITIONS = 4096
+
+
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, max_len: int, head_dim: int, backend: Backend) -> None:
-        shape = (n_layers, max_len, n_kv_heads, head_dim)  # (L, S, Hkv, Dh)
+        self.max_len = max_len
+        self._bk = backend
+        shape = (n_layers, min(max_len, INITIAL_POSITIONS), n_kv_heads, head_dim)  # (L, S', Hkv, Dh), S' <= S
         self.k = backend.zeros(shape)  # float32, in the backend's memory
         self.v = backend.zeros(shape)
         self.pos = 0  # tokens written and committed so far
         self._end = 0  # pos + T while a forward pass writes a chunk of T tokens, else pos
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[1]
 
     @property
     def free(self) -> int:
@@ -42,9 +46,20 @@ class KVCache:
     def write(self, layer: int, k: Array, v: Array) -> None:
         """Store one layer's keys and values, each (Hkv, T, Dh), at positions pos .. pos+T-1 (check_room first)."""
         end = self.pos + k.shape[1]
+        if end > self.k.shape[1]:
+            self._grow(end)
         self.k[layer, self.pos:end] = k.transpose(1, 0, 2)  # (Hkv, T, Dh) -> (T, Hkv, Dh)
         self.v[layer, self.pos:end] = v.transpose(1, 0, 2)
         self._end = end
+
+    def _grow(self, n: int) -> None:
+        """Room for at least n positions (doubling, at most max_len), keeping the committed ones."""
+        L, room, Hkv, Dh = self.k.shape
+        room = min(self.max_len, max(n, 2 * room))
+        for name in ("k", "v"):
+            old, new = getattr(self, name), self._bk.zeros((L, room, Hkv, Dh))
+            new[:, :self.pos] = old[:, :self.pos]
+            setattr(self, name, new)
 
     def keys(self, layer: int) -> Array:
         """View of this layer's keys up to the end of the chunk being written: (Hkv, pos+T, Dh), strided."""
@@ -55,7 +70,7 @@ class KVCache:
         return self.v[layer, :self._end].transpose(1, 0, 2)
 
     def layer(self, layer: int) -> tuple[Array, Array, int]:
-        """This layer's whole key and value arrays (max_len, Hkv, Dh), contiguous, and how many positions
+        """This layer's whole key and value arrays (S', Hkv, Dh), contiguous, and how many positions
         count (pos+T): for kernels that want contiguous memory rather than the strided views above."""
         return self.k[layer], self.v[layer], self._end
 

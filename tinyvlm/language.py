@@ -84,7 +84,7 @@ class LanguageModel:
             self.layers.append(_Layer(dense(w[f"model.layers.{i}.input_layernorm.weight"]), qkv, o_proj,
                                       dense(w[f"model.layers.{i}.post_attention_layernorm.weight"]), gate_up,
                                       down_proj))
-        self.rope_cos, self.rope_sin = backend.rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.rope_cos = self.rope_sin = backend.zeros((0, cfg.head_dim // 2))  # (positions so far, Dh/2): see _rope
 
     def embed(self, ids: Sequence[int]) -> Array:
         """Token ids -> (T, D) float32 embeddings. The image placeholder -200 must be spliced out before."""
@@ -136,11 +136,20 @@ class LanguageModel:
             x = self._blocks(self.embed([0] * T), cache, self.layers[:1])  # (T, D)
             self.bk.linear(self.bk.rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
 
+    def _rope(self, pos: int, T: int) -> tuple[Array, Array]:
+        """RoPE's cos and sin for positions pos .. pos+T-1. The tables grow (doubling) as positions are used, never
+        past the context: the context length comes from the model file. Each row depends only on its position, so
+        a grown table starts with the same rows."""
+        if pos + T > self.rope_cos.shape[0]:
+            n = min(self.cfg.max_position_embeddings, max(pos + T, 2 * self.rope_cos.shape[0], 256))
+            self.rope_cos, self.rope_sin = self.bk.rope_tables(self.cfg.head_dim, n, self.cfg.rope_theta)
+        return self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+
     def _blocks(self, x: Array, cache: KVCache, layers: Sequence[_Layer]) -> Array:
         """The (T, D) chunk x through `layers` (the first len(layers) of the model) at positions cache.pos ..
         cache.pos+T-1, which are then committed; returns the (T, D) residual stream."""
         T, pos = x.shape[0], cache.pos
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # (T, Dh/2) each
+        cos, sin = self._rope(pos, T)  # (T, Dh/2) each
         for i, layer in enumerate(layers):
             x = self._block(i, layer, x, cache, cos, sin)
         cache.advance(T)
