@@ -29,6 +29,7 @@ MAX_NESTING = 64  # JSON objects / arrays, and GGUF arrays of arrays
 MAX_INT_DIGITS = 20  # 2**64 has 20 digits; Python refuses to parse more than 4,300
 MAX_ARRAY_ITEMS = 2**24  # values in a GGUF file's metadata arrays, all together (a 256k vocabulary needs 1 M)
 MAX_DIMS = 8  # dimensions of one tensor (GGUF's own limit is 4)
+MAX_ELEMENTS = 2**48  # elements of one tensor, counting a 0-sized dimension as 1 (NumPy refuses shapes past 2**63)
 MAX_CONTEXT = 2**24  # positions (16 M; the longest published context is 10 M); tables grow only as used
 MAX_WIDTH = 2**20  # hidden, feed-forward, head and image sizes, head counts
 MAX_LAYERS = 4096  # layers of a tower or decoder (also checked against the layers whose tensors are present)
@@ -96,6 +97,12 @@ def parse_json(data: bytes | str, where: str, error: type[TinyVLMError]) -> Any:
     if depth > MAX_NESTING:
         raise error(f"{where}: JSON nested {depth} deep, above the limit of {MAX_NESTING}")
     return value
+
+
+def elements(shape: tuple[int, ...] | list[int]) -> int:
+    """The product of a shape's dimensions with 0 counted as 1: what MAX_ELEMENTS bounds, so that a tensor with a
+    0-sized dimension cannot smuggle a shape NumPy refuses past a bytes-against-the-file check."""
+    return math.prod(max(int(n), 1) for n in shape)
 
 
 def _is_int(value: object) -> bool:

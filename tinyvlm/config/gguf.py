@@ -38,6 +38,12 @@ _TEXT_KEYS = {
 _TOKEN_KEYS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id"}
 
 
+def _read_fields(metadata: Mapping[str, Any], table: Mapping[str, tuple[str, Check, Any]], where: str) -> dict:
+    """{field: checked value} for a table of field -> (GGUF key, check, default)."""
+    read = read_table(metadata, {key: (check, default) for key, check, default in table.values()}, where, ConfigError)
+    return {field: read[key] for field, (key, _, _) in table.items()}
+
+
 def text_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[str]) -> TextConfig:
     """TextConfig of a LLaMA GGUF file from its metadata; tied embeddings when it has no output.weight.
 
@@ -51,9 +57,7 @@ def text_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[str])
     if scaling != "none":
         raise ConfigError(f"GGUF {arch}.rope.scaling.type is {short(scaling)}; tinyvlm supports plain RoPE only")
     table = {field: (f"{arch}.{key}", check, default) for field, (key, check, default) in _TEXT_KEYS.items()}
-    read = read_table(metadata, {key: (check, default) for key, check, default in table.values()}, "GGUF metadata",
-                      ConfigError)
-    values = {field: read[key] for field, (key, _, _) in table.items()}
+    values = _read_fields(metadata, table, "GGUF metadata")
     tokens = metadata.get("tokenizer.ggml.tokens")
     vocab = len(tokens) if isinstance(tokens, list) else values["vocab_size"]
     if vocab is None:
@@ -112,9 +116,7 @@ def vision_configs_from_mmproj(meta: Mapping[str, Any], hidden_size: int,
     mm = read_table(meta, _MMPROJ_KEYS, where, ConfigError)
     if mm["clip.use_gelu"]:
         raise ConfigError(f"{path}: clip.use_gelu is true; tinyvlm's CLIP tower uses quick_gelu (as ViT-L/14 does)")
-    read = read_table(meta, {key: (check, default) for key, check, default in _CLIP_KEYS.values()}, where,
-                      ConfigError)
-    values = {field: read[key] for field, (key, _, _) in _CLIP_KEYS.items()}
+    values = _read_fields(meta, _CLIP_KEYS, where)
     stored = values["num_hidden_layers"]
     feature_layer = mm["clip.vision.feature_layer"]
     if feature_layer is None:  # LLaVA-style file: the stored layers are exactly the ones that run

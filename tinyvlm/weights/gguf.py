@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.limits import MAX_ARRAY_ITEMS, MAX_NESTING, short
+from tinyvlm.limits import MAX_ARRAY_ITEMS, MAX_ELEMENTS, MAX_NESTING, elements, short
 from tinyvlm.weights import gguf_quants
 
 MAGIC = b"GGUF"
@@ -181,6 +181,8 @@ def _tensor_info(cur: _Cursor, i: int) -> tuple[str, list[int], int, int]:
     if not 1 <= n_dims <= MAX_DIMS:
         raise WeightsError(f"{cur.path}: tensor {short(name)} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
     ne = [cur.scalar("<Q", f"tensor {short(name)} dims") for _ in range(n_dims)]
+    if elements(ne) > MAX_ELEMENTS:
+        raise WeightsError(f"{cur.path}: tensor {short(name)} has dimensions {ne}, more than {MAX_ELEMENTS} elements")
     type_id = cur.scalar("<I", f"tensor {short(name)} type")
     offset = cur.scalar("<Q", f"tensor {short(name)} offset")
     return name, ne, type_id, offset

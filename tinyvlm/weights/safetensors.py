@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.limits import MAX_DIMS, MAX_JSON_BYTES, parse_json, short
+from tinyvlm.limits import MAX_DIMS, MAX_ELEMENTS, MAX_JSON_BYTES, elements, parse_json, short
 
 # Tag -> storage dtype, always little endian. BF16 has no NumPy dtype: its raw 16-bit patterns are kept as uint16.
 DTYPES: dict[str, np.dtype] = {
@@ -100,9 +100,10 @@ def _validate_entry(path: Path, name: str, info: object, buffer_len: int) -> tup
     tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(tag, str) or tag not in DTYPES:
         raise WeightsError(f"{where}: unsupported dtype {short(tag)} (supported: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
-        raise WeightsError(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers, "
-                           f"got {short(shape)}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape) \
+            or elements(shape) > MAX_ELEMENTS:
+        raise WeightsError(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers of at most "
+                           f"{MAX_ELEMENTS} elements, got {short(shape)}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
         raise WeightsError(f"{where}: data_offsets must be two non-negative integers, got {short(offsets)}")
     begin, end = offsets

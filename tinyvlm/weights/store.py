@@ -177,7 +177,8 @@ def _open_index(index_path: Path) -> TensorStore:
     metadata: dict[str, str] = {}
     for shard_name in sorted(set(weight_map.values())):
         if Path(shard_name).name != shard_name:
-            raise WeightsError(f"{index_path}: shard {short(shard_name)} is not a plain file name in the same directory")
+            raise WeightsError(f"{index_path}: shard {short(shard_name)} is not a plain file name in the same "
+                               "directory")
         shard = index_path.parent / shard_name
         if not shard.is_file():
             raise WeightsError(f"{index_path}: names shard {shard_name}, which is missing from {index_path.parent}")

@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.limits import MAX_DIMS, MAX_PICKLE_BYTES, short
+from tinyvlm.limits import MAX_DIMS, MAX_ELEMENTS, MAX_PICKLE_BYTES, elements, short
 from tinyvlm.weights.safetensors import DTYPES, RawTensor, map_file
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -123,7 +123,8 @@ class _ZipCheckpoint:
         for name, value in state.items():
             if not isinstance(name, str) or not isinstance(value, RawTensor):
                 raise WeightsError(
-                    f"{self.path}: expected a state dict (name -> tensor), found {type(value).__name__} at {short(name)}"
+                    f"{self.path}: expected a state dict (name -> tensor), found {type(value).__name__} at "
+                    f"{short(name)}"
                 )
         return dict(state)
 
@@ -201,7 +202,8 @@ class _ZipCheckpoint:
         if not isinstance(storage, _Storage):
             raise WeightsError(f"{self.path}: a tensor is rebuilt from something that is not a storage")
         if not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride) \
-                or len(size) > MAX_DIMS or not all(type(i) is int and i >= 0 for i in (offset, *size, *stride)):
+                or len(size) > MAX_DIMS or not all(type(i) is int and i >= 0 for i in (offset, *size, *stride)) \
+                or elements(size) > MAX_ELEMENTS:
             raise WeightsError(f"{self.path}: bad tensor geometry: offset {short(offset)}, size {short(size)}, "
                                f"stride {short(stride)}")
         count = math.prod(size)
