@@ -98,6 +98,17 @@ def test_missing_directory(tmp_path):
     assert_one_line_error(chat_once(tmp_path / "nope"), str(tmp_path / "nope"))
 
 
+@pytest.mark.parametrize("name, data, needle", [
+    ("model.gguf", b"GGUX\x03\x00\x00\x00" + bytes(64), "not a GGUF file or a known weight format (first bytes: 47 47"),
+    ("config.json", b'{"hidden_size": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested too deep"),
+])
+def test_hostile_file_is_one_line(tmp_path, name, data, needle):
+    """A hostile file: exit 2 and one line naming it, not a traceback (tests/test_fuzz.py runs thousands)."""
+    (tmp_path / name).write_bytes(data)
+    model = tmp_path / name if name.endswith(".gguf") else tmp_path
+    assert_one_line_error(chat_once(model), str(tmp_path / name), needle)
+
+
 def test_missing_hub_id_says_where_it_looked(tmp_path):
     proc = run_cli("chat", "--model", "mtgv/MobileVLM_V2-1.7B", "-p", "x", env={"HF_HUB_CACHE": str(tmp_path)})
     assert_one_line_error(proc, "mtgv/MobileVLM_V2-1.7B", str(tmp_path))

@@ -177,13 +177,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _inspect_gguf(path: object) -> int:
     """A GGUF file's metadata (long arrays summarised) and its tensors as stored (ggml type, our shape order)."""
+    from tinyvlm.limits import short
     from tinyvlm.weights.gguf import read_gguf
 
     f = read_gguf(path)  # type: ignore[arg-type]
     print(f"GGUF v{f.version}, {len(f.metadata)} metadata keys, {len(f.tensors)} tensors")
     for key, value in f.metadata.items():
-        shown = f"[{len(value)} values]" if isinstance(value, list) and len(value) > 8 else repr(value)
-        print(f"{key} = {shown[:200]}")
+        shown = f"[{len(value)} values]" if isinstance(value, list) and len(value) > 8 else short(value)
+        print(f"{key[:200]} = {shown}")
     width = max((len(n) for n in f.tensors), default=4)
     for name, t in f.tensors.items():
         print(f"{name:<{width}}  {t.type_name:<5}  {list(t.shape)}")
