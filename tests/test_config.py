@@ -152,3 +152,23 @@ def test_clip_config_values_are_checked(change: dict, message: str) -> None:
         vision_config_from_dict(change, Path("clip/config.json"), -2, "patch")
     with pytest.raises(ConfigError, match="mm_vision_select_layer 25 is not a hidden state of a 24-layer tower"):
         vision_config_from_dict({}, Path("clip/config.json"), 25, "patch")
+
+
+def test_sizes_that_would_allocate_without_bound_are_refused() -> None:
+    """Found by review: a tower of 160,000 patches (attention is P x P), heads far wider than the model (the KV cache
+    is sized by them), and a tower that does not fit the projector (it fails only at the first image)."""
+    from tinyvlm.config import ModelConfig, check_fit
+
+    with pytest.raises(ConfigError, match="160000 patches of an image .400 / 1 squared.; the limit is 4096"):
+        VisionConfig(hidden_size=32, num_attention_heads=1, image_size=400, patch_size=1)
+    with pytest.raises(ConfigError, match="1 heads of 1048576 are more than 4 times hidden_size 2"):
+        TextConfig(hidden_size=2, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                   intermediate_size=2, vocab_size=8, max_position_embeddings=8, head_dim=2**20)
+    text = TextConfig(**{k: TEXT[k] for k in TEXT}, num_key_value_heads=16)
+    odd = VisionConfig(image_size=42, patch_size=14)  # a 3 x 3 grid
+    with pytest.raises(ConfigError, match="gives a 3 x 3 grid"):
+        ModelConfig(text, odd, ProjectorConfig("ldpnetv2", 1024, 2048))
+    with pytest.raises(ConfigError, match="select_feature 'cls_patch'"):
+        check_fit(VisionConfig(select_feature="cls_patch"), ProjectorConfig("ldpnet", 1024, 2048))
+    with pytest.raises(ConfigError, match="mm_hidden_size 512 is not the vision tower's width 1024"):
+        check_fit(VisionConfig(), ProjectorConfig("ldpnet", 512, 2048))

@@ -147,6 +147,15 @@ HOSTILE_CASES = [
     ("v2-mm-vision-select-layer-[]", "v2", json_edit(CFG, ("mm_vision_select_layer",), "[]"), REFUSE),
     ("v2-mm-vision-select-layer-infinity", "v2", json_edit(CFG, ("mm_vision_select_layer",), "Infinity"), REFUSE),
     ("v2-mm-vision-tower-5", "v2", json_edit(CFG, ("mm_vision_tower",), "5"), REFUSE),
+    # a V2 model runs its stored tower: a named tower that cannot be a path is not an error
+    ("v2-mm-vision-tower-300-chars", "v2", json_edit(CFG, ("mm_vision_tower",), '"' + "x" * 300 + '"'), SURVIVE),
+    ("v2-mm-vision-tower-no-such-user", "v2", json_edit(CFG, ("mm_vision_tower",), '"~nosuchuser/x"'), SURVIVE),
+    ("v2-select-feature-cls-patch", "v2", json_edit(CFG, ("mm_vision_select_feature",), '"cls_patch"'), REFUSE),
+    ("index-shard-name-300-chars", "sharded", json_edit("model.safetensors.index.json",
+                                                        ("weight_map", "model.norm.weight"), '"' + "x" * 300 + '"'),
+     REFUSE),
+    ("index-shard-name-newline", "sharded", json_edit("model.safetensors.index.json",
+                                                      ("weight_map", "model.norm.weight"), '"a\\nb"'), REFUSE),
     ("tokenizer-json-model-5", "tokenizer-json", json_edit("tokenizer.json", ("model",), "5"), REFUSE),
     # tokenizer.model
     ("spm-unk-id-out-of-range", "safetensors", spm_edit("trainer", (40, 0, 10**6)), REFUSE),
@@ -160,6 +169,7 @@ HOSTILE_CASES = [
     ("bin-no-data.pkl", "bin", zip_edit("missing", "data.pkl"), REFUSE),
     ("bin-data.pkl-deflate-bomb-2GiB", "bin", zip_edit("bomb", "data.pkl", 2048), SURVIVE),
     ("bin-storage-deflate-bomb-1GiB", "bin", zip_edit("bomb", "data/0", 1024), SURVIVE),
+    ("bin-byteorder-deflate-bomb-2GiB", "bin", zip_edit("bomb", "byteorder", 2048), SURVIVE),
     # pytorch_model.bin: the pickle (tensor geometry of the first tensor, the embedding (320, 32) of 10240 halves)
     ("pickle-huge-size-stride-0", "bin", pickle_edit("geometry", [("size", 0, 2**40), ("stride", 0, 0)]), REFUSE),
     ("pickle-negative-stride", "bin", pickle_edit("geometry", [("stride", 1, -1)]), REFUSE),

@@ -241,10 +241,30 @@ def test_hostile_tokenizer_json(tmp_path: Path, document: object, message: str) 
     assert str(tmp_path / "tokenizer.json") in str(err.value) and "\n" not in str(err.value)
 
 
+def test_tokenizer_json_that_panics_at_encode(tok: Tokenizer, tmp_path: Path) -> None:
+    """A pre-tokenizer regex that makes the tokenizers library panic (a BaseException) when it encodes."""
+    tok._tk.save(str(tmp_path / "tokenizer.json"))
+    document = json.loads((tmp_path / "tokenizer.json").read_text())
+    document["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(\\w+\\s?)+$"}, "behavior": "Isolated",
+                                 "invert": False}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(document))
+    hostile = Tokenizer.from_dir(tmp_path)
+    with pytest.raises(TokenizerError, match="the tokenizer .encoding.: the tokenizers library refuses it"):
+        hostile.encode("a" * 40 + "!")
+
+
+def test_merges_are_bounded(monkeypatch: pytest.MonkeyPatch, shared_data: Path) -> None:
+    import tinyvlm.tokenizer
+
+    monkeypatch.setattr(tinyvlm.tokenizer, "MAX_MERGES", 1000)
+    with pytest.raises(TokenizerError, match="tokenizer.model: the pieces make more than 1000 BPE merges"):
+        Tokenizer.from_sentencepiece(shared_data / "llama-spm-vocab" / "tokenizer.model")
+
+
 def test_hostile_tokenizer_config(tok: Tokenizer, tmp_path: Path) -> None:
     tok._tk.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": "no"}')
-    with pytest.raises(TokenizerError, match="add_bos_token is 'no'; expected true or false"):
+    with pytest.raises(TokenizerError, match="add_bos_token in the tokenizer settings is .no.; expected true or false"):
         Tokenizer.from_dir(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text('{"bos_token": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(TokenizerError, match="tokenizer_config.json: JSON nested too deep"):
@@ -259,7 +279,7 @@ def test_hostile_tokenizer_model(shared_data: Path, tmp_path: Path) -> None:
     (tmp_path / "long.model").write_bytes(data + b"\x0a" + bytes([len(piece) & 0x7F | 0x80, len(piece) >> 7]) + piece)
     with pytest.raises(TokenizerError, match="cut.model: not a valid SentencePiece model"):
         Tokenizer.from_sentencepiece(tmp_path / "cut.model")
-    with pytest.raises(TokenizerError, match="long.model: unsupported SentencePiece model .a piece is longer than 1024"):
+    with pytest.raises(TokenizerError, match="long.model: unsupported SentencePiece model .a piece is longer than 256"):
         Tokenizer.from_sentencepiece(tmp_path / "long.model")
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tests.test_weights import StorageRef, TensorSpec, TorchLikePickler, write_safetensors, zip_with_pickle
 from tests.test_weights_gguf import _str, error_of, pack_gguf
 from tinyvlm.errors import WeightsError
-from tinyvlm.limits import MAX_ARRAY_ITEMS, MAX_NESTING
+from tinyvlm.limits import MAX_ARRAY_ITEMS, MAX_NESTING, MAX_TENSORS
 from tinyvlm.weights import open_file
 
 BACKEND_FREE = True
@@ -207,3 +207,25 @@ def test_gguf_counts_against_the_file(tmp_path: Path) -> None:
     lie = bytearray(pack_gguf())
     lie[8:16] = struct.pack("<Q", 2**40)  # tensor count
     assert "tensor count 1099511627776 cannot fit" in error_of(tmp_path, bytes(lie))
+
+
+def test_tensor_and_key_counts_are_bounded(tmp_path: Path) -> None:
+    many = pack_gguf(b"".join(_str(f"k{i}") + struct.pack("<IB", 0, 0) for i in range(MAX_TENSORS + 1)),
+                     MAX_TENSORS + 1)
+    assert f"the limit is {MAX_TENSORS} each" in error_of(tmp_path, many)
+    header = {f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(MAX_TENSORS + 1)}
+    write_safetensors(tmp_path / "t.safetensors", header, b"")
+    with pytest.raises(WeightsError, match=f"{MAX_TENSORS + 1} tensors; the limit is {MAX_TENSORS}"):
+        open_file(tmp_path / "t.safetensors")
+
+
+@pytest.mark.parametrize("label", ["1" * 5000, "01", "\u0661", "x"])
+def test_layer_numbers_are_compared_as_written(label: str) -> None:
+    """A 5,000-digit layer number (int() would refuse it), a leading zero or an Arabic-Indic digit (int() would
+    read them as layer 1) is never a layer: the count check refuses the file."""
+    from tinyvlm.weights.checked import check_layer_count
+
+    names = ["blk.0.attn_norm.weight", f"blk.{label}.attn_norm.weight"]
+    with pytest.raises(WeightsError, match=r"^f.gguf: block_count is 2, but the weights hold (layers 0 to \d+ )?"):
+        check_layer_count(names, r"blk\.([^.]+)\.", 2, "block_count", "f.gguf")
+    check_layer_count(["blk.0.a", "blk.1.a"], r"blk\.([^.]+)\.", 2, "block_count", "f.gguf")

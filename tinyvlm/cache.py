@@ -17,7 +17,7 @@ from tinyvlm.backends import Array, Backend
 from tinyvlm.errors import PromptError
 
 
-INITIAL_POSITIONS = 4096
+INITIAL_POSITIONS = 256
 
 
 class KVCache:

@@ -177,17 +177,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _inspect_gguf(path: object) -> int:
     """A GGUF file's metadata (long arrays summarised) and its tensors as stored (ggml type, our shape order)."""
-    from tinyvlm.limits import short
+    from tinyvlm.limits import short, shown
     from tinyvlm.weights.gguf import read_gguf
 
     f = read_gguf(path)  # type: ignore[arg-type]
     print(f"GGUF v{f.version}, {len(f.metadata)} metadata keys, {len(f.tensors)} tensors")
     for key, value in f.metadata.items():
-        shown = f"[{len(value)} values]" if isinstance(value, list) and len(value) > 8 else short(value)
-        print(f"{key[:200]} = {shown}")
-    width = max((len(n) for n in f.tensors), default=4)
+        value_text = f"[{len(value)} values]" if isinstance(value, list) and len(value) > 8 else short(value)
+        print(f"{shown(key)} = {value_text}")
+    width = min(max((len(n) for n in f.tensors), default=4), 60)
     for name, t in f.tensors.items():
-        print(f"{name:<{width}}  {t.type_name:<5}  {list(t.shape)}")
+        print(f"{shown(name):<{width}}  {t.type_name:<5}  {list(t.shape)}")
     return 0
 
 
@@ -196,6 +196,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tinyvlm.config.hf import read_json
+    from tinyvlm.limits import shown
     from tinyvlm.loading.gguf import is_gguf
     from tinyvlm.loading.hub import resolve_model
     from tinyvlm.weights import open_checkpoint, open_file
@@ -211,7 +212,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(json.dumps(read_json(model_dir / "config.json"), indent=2, sort_keys=True))
         store = open_checkpoint(model_dir)
     names = store.names()
-    width = max((len(n) for n in names), default=4)
+    width = min(max((len(n) for n in names), default=4), 60)
     print(f"{'name':<{width}}  {'dtype':<5}  shape")
     total = 0
     for n in names:
@@ -220,7 +221,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for d in shape:
             count *= d
         total += count
-        print(f"{n:<{width}}  {store.dtype(n):<5}  {list(shape)}")
+        print(f"{shown(n):<{width}}  {store.dtype(n):<5}  {list(shape)}")
     print(f"{len(names)} tensors, {total:,} values")
     return 0
 

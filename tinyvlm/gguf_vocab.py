@@ -13,6 +13,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from tinyvlm.errors import TokenizerError
+from tinyvlm.limits import MAX_MERGES, short
 from tinyvlm.weights.sentencepiece import CONTROL, UNKNOWN, USER_DEFINED  # GGUF token types are these
 
 GGUF_SOURCE = "GGUF tokenizer metadata"  # how errors name the source
@@ -57,16 +58,18 @@ def gguf_list(metadata: dict[str, Any], key: str, kind: type, n: int | None = No
 def gguf_token_id(metadata: dict[str, Any], key: str, n_tokens: int, default: int) -> int:
     value = metadata.get(key, default)
     if not isinstance(value, int) or not 0 <= value < n_tokens:
-        raise TokenizerError(f"{GGUF_SOURCE}: {key} is {value!r}, expected a token id below {n_tokens}")
+        raise TokenizerError(f"{GGUF_SOURCE}: {key} is {short(value)}, expected a token id below {n_tokens}")
     return value
 
 
 def build_byte_level(tokens: list[str], types: list[int], merges: list[str], pre: str) -> tokenizers.Tokenizer:
     """Byte-level BPE with llama.cpp's pre-tokenizer for `pre` (see the module docstring)."""
+    if len(merges) > MAX_MERGES:
+        raise TokenizerError(f"{GGUF_SOURCE}: {len(merges)} merges, more than the limit of {MAX_MERGES}")
     pairs = [tuple(m.split(" ")) for m in merges]
     bad = next((m for m, pair in zip(merges, pairs) if len(pair) != 2), None)
     if bad is not None:
-        raise TokenizerError(f"{GGUF_SOURCE}: merge {bad!r} is not two tokens separated by one space")
+        raise TokenizerError(f"{GGUF_SOURCE}: merge {short(bad)} is not two tokens separated by one space")
     vocab = {piece: i for i, piece in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise TokenizerError(f"{GGUF_SOURCE}: some tokens appear twice in tokenizer.ggml.tokens")

@@ -32,11 +32,15 @@ MAX_DIMS = 8  # dimensions of one tensor (GGUF's own limit is 4)
 MAX_ELEMENTS = 2**48  # elements of one tensor, counting a 0-sized dimension as 1 (NumPy refuses shapes past 2**63)
 MAX_CONTEXT = 2**24  # positions (16 M; the longest published context is 10 M); tables grow only as used
 MAX_WIDTH = 2**20  # hidden, feed-forward, head and image sizes, head counts
+MAX_HEAD_WIDTH = 4  # all the heads of a layer (Hq x Dh) are at most this many times the hidden size (Gemma: 1.33)
+MAX_PATCHES = 4096  # image patches of a vision tower (576 for ViT-L/14-336): its attention is P x P
+MAX_TENSORS = 2**16  # tensors in one file, and GGUF metadata keys (a 405B LLaMA GGUF has 1,138 tensors)
+MAX_MERGES = 2**20  # BPE merges of a vocabulary (LLaMA's SentencePiece vocabulary makes about 60k)
 MAX_LAYERS = 4096  # layers of a tower or decoder (also checked against the layers whose tensors are present)
 MAX_VOCAB = 2**24  # tokens of a vocabulary
 MAX_ROPE_BASE = 1e12  # RoPE's theta (Llama 3 uses 5e5; some long-context models 1e9)
 MAX_TOKENIZER_BYTES = 100 * 2**20  # a tokenizer.model
-MAX_PIECE_CHARS = 1024  # one SentencePiece piece (SentencePiece's own trainer caps pieces at 16 by default)
+MAX_PIECE_CHARS = 256  # one SentencePiece piece (LLaMA's longest is 16): a piece of n makes n - 1 merges of n
 MAX_PICKLE_BYTES = 100 * 2**20  # data.pkl of a torch checkpoint (its tensors' bytes are in other members)
 
 _SHORT = reprlib.Repr()  # Python 3.11's takes no arguments
@@ -47,6 +51,11 @@ _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = 6
 def short(value: object) -> str:
     """A repr of `value` that is bounded in length and depth, for error messages about untrusted values."""
     return _SHORT.repr(value)
+
+
+def shown(name: str) -> str:
+    """A name from a file as it is when it is short and printable, else shortened and escaped by `short`."""
+    return name if len(name) <= 100 and name.isprintable() else short(name)
 
 
 def _digits(s: str) -> int:

@@ -64,7 +64,7 @@ class QuantReport:
 
 def check_quant(quant: str | None) -> None:
     if quant is not None and quant not in QUANTS:
-        raise TinyVLMError(f"unknown quantization {quant!r}; expected one of {', '.join(QUANTS)} (or none)")
+        raise TinyVLMError(f"unknown quantization {short(quant)}; expected one of {', '.join(QUANTS)} (or none)")
 
 
 def block_kind(quant: str, name: str) -> str:
@@ -126,13 +126,13 @@ def read_quantized(store_metadata: Mapping[str, str], path: str, names: Iterable
     if store_metadata.get("format") != FILE_FORMAT:
         return {}
     if store_metadata.get("version") != FILE_VERSION:
-        raise WeightsError(f"{path}: quantized file version {store_metadata.get('version')!r}; "
+        raise WeightsError(f"{path}: quantized file version {short(store_metadata.get('version'))}; "
                            f"this tinyvlm reads version {FILE_VERSION}")
     if store_metadata.get("quant") not in QUANTS:
         raise WeightsError(f"{path}: quantized file metadata 'quant' is {short(store_metadata.get('quant'))}; "
                            f"expected one of {', '.join(QUANTS)}")
     if store_metadata.get("group_size") != str(GROUP):
-        raise WeightsError(f"{path}: group size {store_metadata.get('group_size')!r}; expected {GROUP}")
+        raise WeightsError(f"{path}: group size {short(store_metadata.get('group_size'))}; expected {GROUP}")
     if "kinds" not in store_metadata:
         raise WeightsError(f"{path}: quantized file metadata has no 'kinds'")
     kinds = parse_json(store_metadata["kinds"], f"{path}: quantized file metadata 'kinds'", WeightsError)
@@ -141,7 +141,7 @@ def read_quantized(store_metadata: Mapping[str, str], path: str, names: Iterable
     present = set(names)
     for name in kinds:
         if f"{name}.qs" not in present:
-            raise WeightsError(f"{path}: metadata lists quantized tensor {name!r} but the file lacks {name}.qs")
+            raise WeightsError(f"{path}: metadata lists quantized tensor {short(name)} but the file lacks {name}.qs")
     return kinds
 
 

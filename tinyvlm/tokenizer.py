@@ -29,7 +29,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers
 
 from tinyvlm.errors import TokenizerError
-from tinyvlm.limits import MAX_PIECE_CHARS, MAX_TOKENIZER_BYTES, flag, read_json_file, short
+from tinyvlm.limits import MAX_MERGES, MAX_PIECE_CHARS, MAX_TOKENIZER_BYTES, flag, read_json_file, short
 
 if TYPE_CHECKING:
     from tinyvlm.stream import StreamDecoder
@@ -73,7 +73,8 @@ def _check_supported(sp: SentencePieceModel, path: str | Path) -> None:
             raise TokenizerError(f"{path}: {name} {i} is not a piece id (the model has {len(sp.pieces)} pieces)")
 
 
-def bpe_merges(pieces: Sequence[str], scores: Sequence[float], mergeable: Sequence[bool]) -> list[tuple[str, str]]:
+def bpe_merges(pieces: Sequence[str], scores: Sequence[float], mergeable: Sequence[bool],
+               where: object = "tokenizer") -> list[tuple[str, str]]:
     """Every (left, right) split of a mergeable piece whose halves are mergeable pieces, best score first.
 
     Ties (equal scores) are ranked by the merged piece's id, then by the left piece's length.
@@ -85,15 +86,17 @@ def bpe_merges(pieces: Sequence[str], scores: Sequence[float], mergeable: Sequen
             left, right = piece[:cut], piece[cut:]
             if left in ids and right in ids:
                 ranked.append((-scores[i], i, cut, left, right))
+        if len(ranked) > MAX_MERGES:
+            raise TokenizerError(f"{where}: the pieces make more than {MAX_MERGES} BPE merges")
     ranked.sort()
     return [(left, right) for _, _, _, left, right in ranked]
 
 
-def _build(sp: SentencePieceModel) -> tokenizers.Tokenizer:
+def _build(sp: SentencePieceModel, where: object) -> tokenizers.Tokenizer:
     """The `tokenizers` pipeline described in the module docstring."""
     mergeable = [t == NORMAL for t in sp.types]
     vocab = {piece: i for i, piece in enumerate(sp.pieces)}
-    bpe = models.BPE(vocab=vocab, merges=bpe_merges(sp.pieces, sp.scores, mergeable),
+    bpe = models.BPE(vocab=vocab, merges=bpe_merges(sp.pieces, sp.scores, mergeable, where),
                      unk_token=sp.pieces[sp.unk_id], byte_fallback=True, fuse_unk=True)
     tk = tokenizers.Tokenizer(bpe)
     steps = [normalizers.Replace(" ", SPACE)]
@@ -182,7 +185,7 @@ class Tokenizer:
         except (ValueError, UnicodeDecodeError) as err:
             raise TokenizerError(f"{path}: not a valid SentencePiece model ({err})") from err
         _check_supported(sp, path)
-        return cls(_rust(lambda: _build(sp), path), sp.bos_id, sp.eos_id)
+        return cls(_rust(lambda: _build(sp, path), path), sp.bos_id, sp.eos_id)
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
@@ -190,7 +193,7 @@ class Tokenizer:
         BPE, pre-tokenized per tokenizer.ggml.pre); BOS is added when tokenizer.ggml.add_bos_token says so."""
         model = metadata.get("tokenizer.ggml.model")
         if model not in ("llama", "gpt2"):
-            raise TokenizerError(f"{GGUF_SOURCE}: tokenizer.ggml.model is {model!r}; tinyvlm reads 'llama' and 'gpt2'")
+            raise TokenizerError(f"{GGUF_SOURCE}: tokenizer.ggml.model is {short(model)}; tinyvlm reads 'llama' and 'gpt2'")
         tokens = gguf_list(metadata, "tokenizer.ggml.tokens", str)
         n = len(tokens)
         types = gguf_list(metadata, "tokenizer.ggml.token_type", int, n)
@@ -204,7 +207,7 @@ class Tokenizer:
                                     bos_id=bos, eos_id=eos, add_dummy_prefix=dummy_prefix,
                                     remove_extra_whitespaces=False, escape_whitespaces=True)
             _check_supported(sp, GGUF_SOURCE)
-            return cls(_rust(lambda: _build(sp), GGUF_SOURCE), bos, eos,
+            return cls(_rust(lambda: _build(sp, GGUF_SOURCE), GGUF_SOURCE), bos, eos,
                        _flag(metadata, "tokenizer.ggml.add_bos_token", True))
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
@@ -234,10 +237,10 @@ class Tokenizer:
             name = _token_name(settings.get(key)) or default
             special[key] = tk.token_to_id(name)
             if special[key] is None:
-                raise TokenizerError(f"{model_dir}: {key} {name!r} is not in the vocabulary")
-        add_bos = settings.get("add_bos_token", True)
-        return cls(tk, special["bos_token"], special["eos_token"],
-                   flag(add_bos, f"{model_dir}: tokenizer_config.json add_bos_token", TokenizerError))
+                raise TokenizerError(f"{model_dir}: {key} {short(name)} is not in the vocabulary")
+        add_bos = settings.get("add_bos_token", True)  # null means no BOS, as transformers reads it
+        return cls(tk, special["bos_token"], special["eos_token"], add_bos is not None and
+                   flag(add_bos, f"{model_dir}: add_bos_token in the tokenizer settings", TokenizerError))
 
     @property
     def bos_id(self) -> int:
@@ -259,12 +262,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; BOS first when add_bos and the tokenizer's add_bos_token setting allow it."""
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        ids = _rust(lambda: self._tk.encode(text, add_special_tokens=False).ids, "the tokenizer (encoding)")
         return [self._bos_id, *ids] if add_bos and self.add_bos_token else ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of `ids` (special tokens such as <s> and </s> left out when skip_special)."""
-        return self._tk.decode(list(ids), skip_special_tokens=skip_special)
+        return _rust(lambda: self._tk.decode(list(ids), skip_special_tokens=skip_special), "the tokenizer (decoding)")
 
     def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:
         """The UTF-8 bytes one token contributes to decoded text (b"" for a skipped special token)."""

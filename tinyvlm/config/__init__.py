@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tinyvlm.errors import ConfigError, PromptError
+from tinyvlm.limits import MAX_HEAD_WIDTH, MAX_PATCHES
 
 PROJECTOR_TYPES = ("ldpnetv2", "ldpnet")
 # OpenAI CLIP's pixel normalisation (every MobileVLM uses it).
@@ -55,6 +56,9 @@ class TextConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.head_dim % 2:
             raise ConfigError(f"the head size {self.head_dim} is odd; RoPE rotates pairs of values")
+        if self.num_attention_heads * self.head_dim > MAX_HEAD_WIDTH * self.hidden_size:
+            raise ConfigError(f"{self.num_attention_heads} heads of {self.head_dim} are more than {MAX_HEAD_WIDTH} times "
+                              f"hidden_size {self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -93,6 +97,9 @@ class VisionConfig:
                               f"{self.num_hidden_layers})")
         if self.select_feature not in ("patch", "cls_patch"):
             raise ConfigError(f"mm_vision_select_feature {self.select_feature!r}; expected 'patch' or 'cls_patch'")
+        if self.num_patches > MAX_PATCHES:
+            raise ConfigError(f"the vision tower makes {self.num_patches} patches of an image "
+                              f"({self.image_size} / {self.patch_size} squared); the limit is {MAX_PATCHES}")
 
     @property
     def num_patches(self) -> int:  # P
@@ -127,9 +134,25 @@ class ModelConfig:
     select_feature: str = "patch"
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.vision is not None and self.projector is not None:
+            check_fit(self.vision, self.projector)
+
     @property
     def is_multimodal(self) -> bool:
         return self.projector is not None
+
+
+def check_fit(vision: VisionConfig, projector: ProjectorConfig) -> None:
+    """A tower and a projector must fit together: LDP pools a square grid of patch features 2 x 2."""
+    grid = vision.image_size // vision.patch_size
+    if grid % 2 or vision.select_feature != "patch":
+        raise ConfigError(f"the {projector.projector_type} projector pools a grid of patches 2 x 2; the vision tower "
+                          f"gives a {grid} x {grid} grid with select_feature {vision.select_feature!r} (expected an "
+                          "even grid and 'patch')")
+    if projector.mm_hidden_size != vision.hidden_size:
+        raise ConfigError(f"mm_hidden_size {projector.mm_hidden_size} is not the vision tower's width "
+                          f"{vision.hidden_size}")
 
 
 @dataclass(frozen=True)

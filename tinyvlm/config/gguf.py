@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tinyvlm.config import CLIP_MEAN, CLIP_STD, ProjectorConfig, TextConfig, VisionConfig
+from tinyvlm.config import CLIP_MEAN, CLIP_STD, ProjectorConfig, TextConfig, VisionConfig, check_fit
 from tinyvlm.errors import ConfigError
 from tinyvlm.limits import (MAX_CONTEXT, MAX_LAYERS, MAX_ROPE_BASE, MAX_VOCAB, MAX_WIDTH, REQUIRED, Check, choices,
                             flag, integer, integers, read_table, reals, short)
@@ -63,7 +63,7 @@ def text_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[str])
     if vocab is None:
         raise ConfigError(f"GGUF metadata has neither tokenizer.ggml.tokens nor {arch}.vocab_size")
     names = set(tensor_names)
-    check_layer_count(names, r"blk\.(\d+)\.", values["num_hidden_layers"], f"{arch}.block_count", "GGUF metadata")
+    check_layer_count(names, r"blk\.([^.]+)\.", values["num_hidden_layers"], f"{arch}.block_count", "GGUF metadata")
     for field, key in _TOKEN_KEYS.items():
         values[field] = integer(metadata.get(key, 1 if field == "bos_token_id" else 2), f"GGUF {key}", ConfigError,
                                 0, vocab - 1)
@@ -129,5 +129,9 @@ def vision_configs_from_mmproj(meta: Mapping[str, Any], hidden_size: int,
         vision = VisionConfig(**values)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    kind = mm["clip.projector_type"]
-    return vision, ProjectorConfig(LLAMACPP_PROJECTORS[kind], vision.hidden_size, hidden_size)
+    projector = ProjectorConfig(LLAMACPP_PROJECTORS[mm["clip.projector_type"]], vision.hidden_size, hidden_size)
+    try:
+        check_fit(vision, projector)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return vision, projector

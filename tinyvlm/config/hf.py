@@ -96,7 +96,7 @@ def projector_type_of(name: str, path: Path) -> str:
         if name.startswith(kind):
             return kind
     raise ConfigError(
-        f"{path}: unknown mm_projector_type {name!r} (tinyvlm supports {', '.join(PROJECTOR_TYPES)})"
+        f"{path}: unknown mm_projector_type {short(name)} (tinyvlm supports {', '.join(PROJECTOR_TYPES)})"
     )
 
 
@@ -171,8 +171,8 @@ def vision_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], tower: str 
     grid = math.isqrt(max(positions - 1, 0))
     if grid * grid != positions - 1:
         raise ConfigError(f"position_embedding has {positions} rows; expected 1 + a square number of patches")
-    layer_ids = {int(m.group(1)) for n in shapes if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", n))}
-    if layer_ids != set(range(len(layer_ids))) or len(layer_ids) > MAX_LAYERS:
+    layer_ids = {m.group(1) for n in shapes if (m := re.match(r"vision_model\.encoder\.layers\.([^.]+)\.", n))}
+    if layer_ids != {str(i) for i in range(len(layer_ids))} or len(layer_ids) > MAX_LAYERS:
         raise ConfigError(f"the vision tower's layers are numbered {short(sorted(layer_ids))}; expected 0 to n - 1 "
                           f"with n at most {MAX_LAYERS}")
     inferred = VisionConfig(hidden_size=C, num_hidden_layers=len(layer_ids),
@@ -184,7 +184,7 @@ def vision_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], tower: str 
             C, inferred.intermediate_size, inferred.image_size, patch):
         return replace(inferred, num_attention_heads=known.num_attention_heads)
     if warn:
-        warnings.warn(f"the vision tower's config is not in the checkpoint and {tower!r} is not a CLIP tinyvlm "
+        warnings.warn(f"the vision tower's config is not in the checkpoint and {short(tower)} is not a CLIP tinyvlm "
                       f"knows with these shapes: assuming {OPENAI_HEAD_DIM}-wide heads ({inferred.num_attention_heads} "
                       f"heads for width {C})", stacklevel=4)
     return inferred

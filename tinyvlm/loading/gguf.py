@@ -26,7 +26,7 @@ from tinyvlm.backends import Backend
 from tinyvlm.config import ModelConfig
 from tinyvlm.config.gguf import text_config_from_gguf, vision_configs_from_mmproj
 from tinyvlm.errors import ConfigError, TokenizerError, WeightsError
-from tinyvlm.limits import text
+from tinyvlm.limits import short, text
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, from_gguf_blocks, quantize
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.projector import build_projector
@@ -44,17 +44,20 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 def is_gguf(path: str | Path) -> bool:
     path = Path(path)
-    if not path.is_file():
+    try:
+        if not path.is_file():  # a FIFO would block open()
+            return False
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except (OSError, ValueError):  # not a file, unreadable, an impossible name: the other paths say why
         return False
-    with open(path, "rb") as f:
-        return f.read(4) == MAGIC
 
 
 def to_quantized(tensor: GGUFTensor) -> QuantizedMatrix:
     """A Q4_0 / Q4_1 / Q8_0 weight (out, in) as the kernels' QuantizedMatrix, without dequantizing it."""
     kind = tensor.type_name.lower()
     if kind not in DIRECT_KINDS or len(tensor.shape) != 2:
-        raise WeightsError(f"tensor {tensor.name!r} is {tensor.type_name} of shape {tensor.shape}; only 2-D "
+        raise WeightsError(f"tensor {short(tensor.name)} is {tensor.type_name} of shape {tensor.shape}; only 2-D "
                            "Q4_0, Q4_1 and Q8_0 tensors convert directly to a quantized matrix")
     return from_gguf_blocks(kind, tensor.raw, tensor.shape)
 
@@ -86,15 +89,20 @@ def load_gguf(path: str | Path, quant: str | None, backend: Backend,
         text_cfg = text_config_from_gguf(f.metadata, f.tensors)
     except (ConfigError, WeightsError) as e:
         raise type(e)(f"{path}: {e}") from None
-    tokenizer = Tokenizer.from_gguf(f.metadata)
+    try:
+        tokenizer = Tokenizer.from_gguf(f.metadata)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
     mm = None if mmproj is None else _read_mmproj(Path(mmproj), text_cfg.hidden_size, backend)  # fails fast
+    ours = {name: hf_name(name) for name in f.tensors}
+    unknown = [name for name, hf in ours.items() if hf is None]
+    if unknown:
+        raise WeightsError(f"{path}: tensors the llama name table does not know: {listing(unknown, 10)}")
+    check_tensors({hf: f.tensors[name].shape for name, hf in ours.items()}, language_expected_shapes(text_cfg),
+                  str(path), optional=["lm_head.weight"])  # before anything is converted
     weights: dict[str, np.ndarray | QuantizedMatrix] = {}
-    unknown = []
-    for done, (name, tensor) in enumerate(f.tensors.items(), 1):
-        hf = hf_name(name)
-        if hf is None:
-            unknown.append(name)
-            continue
+    for done, (name, hf) in enumerate(ours.items(), 1):
+        tensor = f.tensors[name]
         if hf == "model.embed_tokens.weight":
             weights[hf] = to_float32(tensor)  # (V, D): rows are looked up, never multiplied
             if text_cfg.tie_word_embeddings:
@@ -112,10 +120,6 @@ def load_gguf(path: str | Path, quant: str | None, backend: Backend,
                 weights[hf] = unpermute_qk(w, heads)
         if progress is not None:
             progress(done, len(f.tensors))
-    if unknown:
-        raise WeightsError(f"{path}: tensors the llama name table does not know: {listing(unknown, 10)}")
-    check_tensors({n: tuple(w.shape) for n, w in weights.items()}, language_expected_shapes(text_cfg), str(path),
-                  optional=["lm_head.weight"])
     language = LanguageModel(text_cfg, weights, backend)
     if mm is None:
         vlm = VLM(ModelConfig(text=text_cfg, raw=dict(f.metadata)), tokenizer, language, path=path)
@@ -137,10 +141,10 @@ def _read_mmproj(path: Path, hidden_size: int, backend: Backend) -> tuple:
     meta = f.metadata
     if meta.get("general.architecture") != "clip" or not meta.get("clip.has_vision_encoder", False):
         raise WeightsError(f"{path}: not an mmproj file (expected general.architecture 'clip' with a vision "
-                           f"encoder; found {meta.get('general.architecture')!r})")
+                           f"encoder; found {short(meta.get('general.architecture'))})")
     vision_cfg, projector_cfg = vision_configs_from_mmproj(meta, hidden_size, path)
     stored_layers = meta["clip.vision.block_count"]  # checked by vision_configs_from_mmproj
-    check_layer_count(f.tensors, r"v\.blk\.(\d+)\.", stored_layers, "clip.vision.block_count", str(path))
+    check_layer_count(f.tensors, r"v\.blk\.([^.]+)\.", stored_layers, "clip.vision.block_count", str(path))
     needed = vision_needed_names(vision_cfg)
     vision_w: dict[str, np.ndarray] = {}
     projector_w: dict[str, np.ndarray] = {}

@@ -16,16 +16,17 @@ from tinyvlm.backends import Backend
 from tinyvlm.config import ModelConfig
 from tinyvlm.config.hf import load_config, read_json, vision_config_from_dict, vision_config_from_shapes
 from tinyvlm.errors import ConfigError, ModelNotFound, TinyVLMError, WeightsError
+from tinyvlm.limits import short
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.loading.hub import resolve_model
 from tinyvlm.projector import build_projector, projector_expected_shapes
-from tinyvlm.quantize import Progress, QuantizedView, QuantReport, quantize_language, read_quantized, save_quantized, \
-    stored_shapes
+from tinyvlm.quantize import (Progress, QuantizedView, QuantReport, quantize_language, quantized_kinds, read_quantized,
+                              save_quantized, stored_shapes)
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, vision_expected_shapes, vision_needed_names
 from tinyvlm.vlm import VLM
 from tinyvlm.weights import TensorStore, is_ignorable_buffer, open_checkpoint
-from tinyvlm.weights.checked import check_layer_count
+from tinyvlm.weights.checked import check_layer_count, check_tensors
 
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_NAME_PREFIXES = ("model.vision_tower.vision_tower.", "vision_tower.", "")  # MobileVLM's; a CLIP repo's has none
@@ -67,7 +68,7 @@ def load_dir(path_or_repo_id: str | Path, quant: str | None, backend: Backend, p
     files = ", ".join(map(str, store.files()))
     file_kinds = read_quantized(store.metadata, files, store.names())
     file_quant = store.metadata.get("quant") if file_kinds else None
-    check_layer_count(store.names(), r"model\.layers\.(\d+)\.", cfg.text.num_hidden_layers,
+    check_layer_count(store.names(), r"model\.layers\.([^.]+)\.", cfg.text.num_hidden_layers,
                       f"{model_dir / 'config.json'} num_hidden_layers", files)
     if file_kinds and quant not in (None, file_quant):
         raise TinyVLMError(f"{files}: already quantized as {file_quant}; it cannot be loaded as {quant}")
@@ -76,9 +77,10 @@ def load_dir(path_or_repo_id: str | Path, quant: str | None, backend: Backend, p
     lang_shapes = language_expected_shapes(cfg.text)
     head_shape = (cfg.text.vocab_size, cfg.text.hidden_size)
     expected = {n: s for n, s in lang_shapes.items() if n not in file_kinds}
+    linear = quantized_kinds(cfg.text, "int8")  # the matrices a quantized file may hold quantized
     for name, kind in file_kinds.items():
-        if name not in lang_shapes and name != "lm_head.weight":
-            raise WeightsError(f"{files}: quantized tensor {name!r} is not part of this model")
+        if name not in linear:
+            raise WeightsError(f"{files}: quantized tensor {short(name)} is not a linear layer of this model")
         expected.update(stored_shapes(name, kind, lang_shapes.get(name, head_shape)))
     optional: set[str] = set()
     tower = None
@@ -87,6 +89,10 @@ def load_dir(path_or_repo_id: str | Path, quant: str | None, backend: Backend, p
         own_prefix = _tower_prefix(store)
         own = None if own_prefix is None else _Tower(store, own_prefix, None, cfg, warn=False)  # for its layout
         tower = _choose_tower(cfg, own, model_dir, vision_tower)
+        try:
+            cfg = replace(cfg, vision=tower.config)  # ModelConfig checks that the tower fits the projector
+        except ConfigError as e:
+            raise ConfigError(f"{model_dir}: {e}") from None
         if own is not None:  # the checkpoint's own copy of CLIP is part of its published layout
             expected.update(own.published())
             if tower is not own:
@@ -116,7 +122,6 @@ def load_dir(path_or_repo_id: str | Path, quant: str | None, backend: Backend, p
                               ignore=lambda n: True)
         vision = VisionTower(tower.config, tower.store.view(vision_names, tower.prefix, tick), backend)
         projector = build_projector(cfg.projector, store.view(proj_names, PROJECTOR_PREFIX, tick), backend)
-    cfg = replace(cfg, vision=tower.config if tower else None)
     vlm = VLM(cfg, tokenizer, language, vision, projector, path=model_dir)
     vlm.quant = quant or file_quant
     vlm.quant_report = quant_report
@@ -145,7 +150,7 @@ def _choose_tower(cfg: ModelConfig, own: _Tower | None, model_dir: Path, overrid
     if cfg.mm_vision_tower:
         try:
             named_dir = resolve_model(cfg.mm_vision_tower)
-        except ModelNotFound:
+        except (ModelNotFound, WeightsError):  # not there, or not a directory: the stored copy is the fallback
             pass
     is_v1 = cfg.projector.projector_type == "ldpnet"
     if is_v1 and named_dir is not None:
@@ -153,13 +158,13 @@ def _choose_tower(cfg: ModelConfig, own: _Tower | None, model_dir: Path, overrid
     if own is not None:
         if is_v1:
             warnings.warn(
-                f"{model_dir}: vision tower {cfg.mm_vision_tower!r} not found; using the copy stored in the "
+                f"{model_dir}: vision tower {short(cfg.mm_vision_tower)} not found; using the copy stored in the "
                 "checkpoint (the official V1 path reloads it from the named CLIP repo)",
                 stacklevel=4,
             )
         return _Tower(own.store, own.prefix, named_dir, cfg)
     raise ModelNotFound(
-        f"{model_dir}: the checkpoint holds no vision tower and {cfg.mm_vision_tower!r} was not found locally; "
+        f"{model_dir}: the checkpoint holds no vision tower and {short(cfg.mm_vision_tower)} was not found locally; "
         "download it (e.g. `huggingface-cli download openai/clip-vit-large-patch14-336`) or pass vision_tower=PATH"
     )
 
@@ -175,5 +180,13 @@ def _open_tower(tower_dir: Path, cfg: ModelConfig) -> _Tower:
 def quantize_dir(src: str | Path, out_dir: str | Path, quant: str, progress: Progress | None = None) -> QuantReport:
     """Write a quantized copy of the checkpoint `src` (a directory or cached id) into the new directory `out_dir`."""
     src_dir = resolve_model(src)
-    return save_quantized(src_dir, load_config(src_dir), open_checkpoint(src_dir), out_dir, quant, progress,
-                          source=str(src))
+    cfg, store = load_config(src_dir), open_checkpoint(src_dir)
+    files = ", ".join(map(str, store.files()))
+    if read_quantized(store.metadata, files, store.names()):
+        raise TinyVLMError(f"{files}: already quantized as {store.metadata.get('quant')}")
+    check_layer_count(store.names(), r"model\.layers\.([^.]+)\.", cfg.text.num_hidden_layers,
+                      f"{src_dir / 'config.json'} num_hidden_layers", files)
+    lang_shapes = language_expected_shapes(cfg.text)  # the language model is read and quantized: check it first
+    check_tensors({n: store.shape(n) for n in store.names() if n in lang_shapes}, lang_shapes, files,
+                  optional=["lm_head.weight"])
+    return save_quantized(src_dir, cfg, store, out_dir, quant, progress, source=str(src))

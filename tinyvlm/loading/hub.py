@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from tinyvlm.errors import ModelNotFound, WeightsError
+from tinyvlm.limits import short
 from tinyvlm.weights.store import file_kind, first_bytes
 
 # An id is "org/name" (or a bare "name"): letters, digits, '-', '_' and '.', one slash at most.
@@ -34,6 +35,13 @@ def hub_cache_dir() -> Path:
 
 def resolve_model(path_or_id: str | Path) -> Path:
     """An existing directory as is; otherwise the cached snapshot of the model id `org/name`."""
+    try:
+        return _resolve(path_or_id)
+    except (OSError, RuntimeError, ValueError) as e:  # a name too long, "~nosuchuser", a NUL byte, no permission
+        raise ModelNotFound(f"{short(str(path_or_id))}: cannot be a model directory or id ({short(str(e))})") from None
+
+
+def _resolve(path_or_id: str | Path) -> Path:
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path

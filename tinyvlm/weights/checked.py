@@ -11,16 +11,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.limits import short
+from tinyvlm.limits import shown
 
 MAX_LISTED = 20  # names listed per kind of problem
 
 
 def listing(names: Iterable[str], limit: int = MAX_LISTED) -> str:
     """`a, b, c` or `a, b ... and 7 more`."""
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} ... and {len(names) - limit} more"
+    names = [shown(n) for n in names]  # names come from files
+    text = ", ".join(names[:limit])
+    return text if len(names) <= limit else f"{text} ... and {len(names) - limit} more"
 
 
 def check_tensors(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], where: str, *,
@@ -53,8 +53,10 @@ def read_checked(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, .
 
 def check_layer_count(names: Iterable[str], pattern: str, count: int, what: str, where: str) -> None:
     """The layers the tensor `names` hold (their numbers, group 1 of `pattern`) must be exactly 0 .. count - 1: a
-    WeightsError naming `what` says otherwise. Run before anything is built per layer from a count in a header."""
-    numbers = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
-    if numbers != set(range(count)):
-        held = f"layers {min(numbers)} to {max(numbers)} ({len(numbers)} in all)" if numbers else "no layer"
-        raise WeightsError(f"{where}: {what} is {count}, but the weights hold {held}")
+    WeightsError naming `what` says otherwise. Run before anything is built per layer from a count in a header.
+    Numbers are compared as written, so "01", "١" or a 5,000-digit number is never a layer."""
+    held = {m.group(1) for n in names if (m := re.match(pattern, n))}
+    if held != {str(i) for i in range(count)}:
+        numbers = sorted(int(h) for h in held if h.isascii() and h.isdigit() and len(h) <= 9)
+        shown = f"layers {numbers[0]} to {numbers[-1]} ({len(held)} in all)" if numbers else f"{len(held)} layers"
+        raise WeightsError(f"{where}: {what} is {count}, but the weights hold {shown}")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.limits import MAX_ARRAY_ITEMS, MAX_ELEMENTS, MAX_NESTING, elements, short
+from tinyvlm.limits import MAX_ARRAY_ITEMS, MAX_ELEMENTS, MAX_TENSORS, MAX_NESTING, elements, short
 from tinyvlm.weights import gguf_quants
 
 MAGIC = b"GGUF"
@@ -148,6 +148,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
     if n_tensors * (8 + 4 + 8 + 4 + 8) > len(cur.buf):  # name length, n_dims, one dim, type, offset
         raise WeightsError(f"{path}: tensor count {n_tensors} cannot fit in {len(cur.buf)} bytes: the count is "
                            "corrupt or the file truncated")
+    if max(n_tensors, n_kv) > MAX_TENSORS:
+        raise WeightsError(f"{path}: {n_tensors} tensors and {n_kv} metadata keys; the limit is {MAX_TENSORS} each")
 
     metadata: dict[str, Any] = {}
     for i in range(n_kv):

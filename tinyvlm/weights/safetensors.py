@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.limits import MAX_DIMS, MAX_ELEMENTS, MAX_JSON_BYTES, elements, parse_json, short
+from tinyvlm.limits import MAX_DIMS, MAX_ELEMENTS, MAX_JSON_BYTES, MAX_TENSORS, elements, parse_json, short
 
 # Tag -> storage dtype, always little endian. BF16 has no NumPy dtype: its raw 16-bit patterns are kept as uint16.
 DTYPES: dict[str, np.dtype] = {
@@ -79,6 +79,8 @@ def read_safetensors_with_metadata(path: Path) -> tuple[dict[str, RawTensor], di
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WeightsError(f"{path}: safetensors __metadata__ must map strings to strings")
 
+    if len(header) > MAX_TENSORS:
+        raise WeightsError(f"{path}: {len(header)} tensors; the limit is {MAX_TENSORS}")
     buffer_len = size - 8 - header_len
     entries = {name: _validate_entry(path, name, info, buffer_len) for name, info in header.items()}
     _check_layout(path, entries, buffer_len)
@@ -94,7 +96,7 @@ def read_safetensors_with_metadata(path: Path) -> tuple[dict[str, RawTensor], di
 
 def _validate_entry(path: Path, name: str, info: object, buffer_len: int) -> tuple[str, tuple[int, ...], int, int]:
     """Check one header entry against itself and the buffer size; return (tag, shape, begin, end)."""
-    where = f"{path}: tensor {name!r}"
+    where = f"{path}: tensor {short(name)}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise WeightsError(f"{where}: header entry must have exactly dtype, shape and data_offsets, got {short(info)}")
     tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -125,7 +127,7 @@ def _check_layout(path: Path, entries: dict[str, tuple[str, tuple[int, ...], int
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
         if begin != expected_begin:
             what = "overlaps the tensor before it" if begin < expected_begin else "leaves a hole before it"
-            raise WeightsError(f"{path}: tensor {name!r} starts at data offset {begin}, expected {expected_begin}: "
+            raise WeightsError(f"{path}: tensor {short(name)} starts at data offset {begin}, expected {expected_begin}: "
                                f"it {what}")
         expected_begin = end
     if expected_begin != buffer_len:

@@ -97,7 +97,7 @@ class TensorStore:
         file whose dtypes were relabelled, BF16 read as I16, would otherwise load integers as weights)."""
         tag = self._raw(name).dtype
         if tag not in FLOAT_TAGS:
-            raise WeightsError(f"{self.file_of(name)}: tensor {name!r} is stored as {tag}; a weight must be one of "
+            raise WeightsError(f"{self.file_of(name)}: tensor {short(name)} is stored as {tag}; a weight must be one of "
                                f"{', '.join(sorted(FLOAT_TAGS))}")
         return self.get(name)
 
@@ -121,7 +121,7 @@ class TensorStore:
         try:
             return self._tensors[name]
         except KeyError:
-            raise WeightsError(f"no tensor {name!r} in {', '.join(str(f) for f in self.files())}") from None
+            raise WeightsError(f"no tensor {short(name)} in {', '.join(str(f) for f in self.files())}") from None
 
 
 class StoreView(Mapping[str, np.ndarray]):
@@ -176,7 +176,8 @@ def _open_index(index_path: Path) -> TensorStore:
     files: dict[str, Path] = {}
     metadata: dict[str, str] = {}
     for shard_name in sorted(set(weight_map.values())):
-        if Path(shard_name).name != shard_name:
+        plain = Path(shard_name).name == shard_name and shard_name.isprintable() and len(shard_name.encode()) <= 255
+        if not plain:
             raise WeightsError(f"{index_path}: shard {short(shard_name)} is not a plain file name in the same "
                                "directory")
         shard = index_path.parent / shard_name
@@ -186,18 +187,17 @@ def _open_index(index_path: Path) -> TensorStore:
         metadata = metadata or shard_metadata
         for name, raw in shard_tensors.items():
             if name in tensors:
-                raise WeightsError(f"{index_path}: tensor {name!r} is in both {files[name].name} and {shard_name}")
+                raise WeightsError(f"{index_path}: tensor {short(name)} is in both {files[name].name} and {shard_name}")
             tensors[name], files[name] = raw, shard
     for name, shard_name in weight_map.items():
         if files.get(name, Path()).name != shard_name:
-            raise WeightsError(f"{index_path}: maps {name!r} to {shard_name}, but that shard does not hold it")
+            raise WeightsError(f"{index_path}: maps {short(name)} to {shard_name}, but that shard does not hold it")
     return TensorStore(tensors, files, metadata)
 
 
 def file_kind(path: Path) -> str | None:
     """What a weight file is by its first bytes: "GGUF", "safetensors", "PyTorch zip" or None."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    head = _head(path, 9)
     if head[:4] == GGUF_MAGIC:
         return "GGUF"
     if head[:4] == ZIP_MAGIC:
@@ -207,9 +207,16 @@ def file_kind(path: Path) -> str | None:
 
 def first_bytes(path: Path, n: int = 8) -> str:
     """The first n bytes of a file in hex and as text, for messages about a file of unknown kind."""
-    with open(path, "rb") as f:
-        head = f.read(n)
+    head = _head(path, n)
     return f"{head.hex(' ')} ({head!r})" if head else "none: the file is empty"
+
+
+def _head(path: Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:  # no permission, a directory, ...
+        raise WeightsError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def _read_any(path: Path) -> tuple[dict[str, RawTensor], dict[str, str]]:

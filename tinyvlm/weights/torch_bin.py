@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.limits import MAX_DIMS, MAX_ELEMENTS, MAX_PICKLE_BYTES, elements, short
+from tinyvlm.limits import MAX_DIMS, MAX_ELEMENTS, MAX_PICKLE_BYTES, MAX_TENSORS, elements, short
 from tinyvlm.weights.safetensors import DTYPES, RawTensor, map_file
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -120,6 +120,8 @@ class _ZipCheckpoint:
             raise WeightsError(f"{self.path}: malformed data.pkl ({type(e).__name__}: {e})") from e
         if not isinstance(state, dict):
             raise WeightsError(f"{self.path}: expected a state dict (name -> tensor), found {type(state).__name__}")
+        if len(state) > MAX_TENSORS:
+            raise WeightsError(f"{self.path}: {len(state)} tensors; the limit is {MAX_TENSORS}")
         for name, value in state.items():
             if not isinstance(name, str) or not isinstance(value, RawTensor):
                 raise WeightsError(
@@ -137,11 +139,13 @@ class _ZipCheckpoint:
 
     def _read_byteorder(self) -> str:
         try:
-            order = self.archive.read(f"{self.root}/byteorder").decode("ascii", "replace").strip()
+            info = self.archive.getinfo(f"{self.root}/byteorder")
         except KeyError:
             return "little"  # files from before the member existed are little endian
+        with self.archive.open(info) as member:
+            order = member.read(16).decode("ascii", "replace").strip()  # 16 bytes at most: it may be a zip bomb
         if order not in ("little", "big"):
-            raise WeightsError(f"{self.path}: unknown byteorder {order!r}")
+            raise WeightsError(f"{self.path}: unknown byteorder {short(order)}")
         return order
 
     def storage(self, tag: str, key: str, numel: int) -> _Storage:
@@ -152,7 +156,7 @@ class _ZipCheckpoint:
             self.storages[key] = _Storage(tag, raw.view(dtype))
         storage = self.storages[key]
         if storage.tag != tag or storage.data.size != numel:
-            raise WeightsError(f"{self.path}: storage {key!r} is referenced with two different dtypes or sizes")
+            raise WeightsError(f"{self.path}: storage {short(key)} is referenced with two different dtypes or sizes")
         return storage
 
     def _member_bytes(self, member: str, nbytes: int) -> np.ndarray:
@@ -161,23 +165,23 @@ class _ZipCheckpoint:
             info = self.archive.getinfo(member)
         except KeyError:
             raise WeightsError(
-                f"{self.path}: the pickle refers to storage {member!r}, which is not in the archive"
+                f"{self.path}: the pickle refers to storage {short(member)}, which is not in the archive"
             ) from None
         if info.file_size < nbytes:
-            raise WeightsError(f"{self.path}: storage {member!r} has {info.file_size} bytes, the pickle needs {nbytes}")
+            raise WeightsError(f"{self.path}: storage {short(member)} has {info.file_size} bytes, the pickle needs {nbytes}")
         if info.compress_type != zipfile.ZIP_STORED:
-            self._inflate(nbytes, f"compressed storage {member!r}")
+            self._inflate(nbytes, f"compressed storage {short(member)}")
             with self.archive.open(info) as f:
                 data = f.read(nbytes)
             if len(data) < nbytes:
-                raise WeightsError(f"{self.path}: compressed storage {member!r} ends after {len(data)} of {nbytes} "
+                raise WeightsError(f"{self.path}: compressed storage {short(member)} ends after {len(data)} of {nbytes} "
                                    "bytes")
             return np.frombuffer(data, dtype=np.uint8)
         if self.file_bytes is None:
             self.file_bytes = map_file(self.path)
         start = self._data_offset(info)
         if start + info.file_size > self.file_bytes.size:
-            raise WeightsError(f"{self.path}: storage {member!r} runs past the end of the file; truncated?")
+            raise WeightsError(f"{self.path}: storage {short(member)} runs past the end of the file; truncated?")
         return self.file_bytes[start : start + nbytes]
 
     def _inflate(self, nbytes: int, what: str) -> None:
@@ -191,7 +195,7 @@ class _ZipCheckpoint:
         """Where a stored member's bytes begin: after its 30-byte local header, name and extra field."""
         header = bytes(self.file_bytes[info.header_offset : info.header_offset + 30])
         if len(header) < 30 or header[:4] != ZIP_MAGIC:
-            raise WeightsError(f"{self.path}: bad local zip header for {info.filename!r}; truncated?")
+            raise WeightsError(f"{self.path}: bad local zip header for {short(info.filename)}; truncated?")
         name_len, extra_len = struct.unpack_from("<HH", header, 26)
         return info.header_offset + 30 + name_len + extra_len
 
