@@ -229,3 +229,10 @@ def test_layer_numbers_are_compared_as_written(label: str) -> None:
     with pytest.raises(WeightsError, match=r"^f.gguf: block_count is 2, but the weights hold (layers 0 to \d+ )?"):
         check_layer_count(names, r"blk\.([^.]+)\.", 2, "block_count", "f.gguf")
     check_layer_count(["blk.0.a", "blk.1.a"], r"blk\.([^.]+)\.", 2, "block_count", "f.gguf")
+
+
+def test_listing_shortens_names_from_files() -> None:
+    from tinyvlm.weights.checked import listing
+
+    text = listing(["a", "x" * 10_000, "b\nc", *map(str, range(30))])
+    assert text.startswith("a, 'xxx") and "'b\\nc'" in text and text.endswith("... and 13 more") and len(text) < 400
