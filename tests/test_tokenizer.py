@@ -249,7 +249,7 @@ def test_tokenizer_json_that_panics_at_encode(tok: Tokenizer, tmp_path: Path) ->
                                  "invert": False}
     (tmp_path / "tokenizer.json").write_text(json.dumps(document))
     hostile = Tokenizer.from_dir(tmp_path)
-    with pytest.raises(TokenizerError, match="the tokenizer .encoding.: the tokenizers library refuses it"):
+    with pytest.raises(TokenizerError, match="tokenizer.json .encoding.: the tokenizers library refuses it"):
         hostile.encode("a" * 40 + "!")
 
 

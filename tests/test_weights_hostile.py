@@ -226,9 +226,12 @@ def test_layer_numbers_are_compared_as_written(label: str) -> None:
     from tinyvlm.weights.checked import check_layer_count
 
     names = ["blk.0.attn_norm.weight", f"blk.{label}.attn_norm.weight"]
-    with pytest.raises(WeightsError, match=r"^f.gguf: block_count is 2, but the weights hold (layers 0 to \d+ )?"):
+    with pytest.raises(WeightsError, match=r"^f.gguf: block_count is 2, but the weights hold layers 0 to 0 \(1 in "
+                                           r"all\), and layers numbered "):
         check_layer_count(names, r"blk\.([^.]+)\.", 2, "block_count", "f.gguf")
     check_layer_count(["blk.0.a", "blk.1.a"], r"blk\.([^.]+)\.", 2, "block_count", "f.gguf")
+    with pytest.raises(WeightsError, match=r"block_count is 2147483648, but the weights hold layers 0 to 1 \(2 in"):
+        check_layer_count(["blk.0.a", "blk.1.a"], r"blk\.([^.]+)\.", 2**31, "block_count", "f.gguf")  # no set of 2**31
 
 
 def test_listing_shortens_names_from_files() -> None:

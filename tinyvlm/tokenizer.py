@@ -161,8 +161,10 @@ def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
 class Tokenizer:
     """Encode text to token ids and decode ids back to text. Build with from_dir, from_sentencepiece or from_gguf."""
 
-    def __init__(self, tk: tokenizers.Tokenizer, bos_id: int, eos_id: int, add_bos_token: bool = True) -> None:
+    def __init__(self, tk: tokenizers.Tokenizer, bos_id: int, eos_id: int, add_bos_token: bool = True,
+                 source: object = "the tokenizer") -> None:
         self._tk = tk
+        self.source = source  # the file (or GGUF metadata) it was read from, for messages
         self._bos_id = bos_id
         self._eos_id = eos_id
         self.add_bos_token = add_bos_token
@@ -185,7 +187,7 @@ class Tokenizer:
         except (ValueError, UnicodeDecodeError) as err:
             raise TokenizerError(f"{path}: not a valid SentencePiece model ({err})") from err
         _check_supported(sp, path)
-        return cls(_rust(lambda: _build(sp, path), path), sp.bos_id, sp.eos_id)
+        return cls(_rust(lambda: _build(sp, path), path), sp.bos_id, sp.eos_id, source=path)
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
@@ -208,14 +210,14 @@ class Tokenizer:
                                     remove_extra_whitespaces=False, escape_whitespaces=True)
             _check_supported(sp, GGUF_SOURCE)
             return cls(_rust(lambda: _build(sp, GGUF_SOURCE), GGUF_SOURCE), bos, eos,
-                       _flag(metadata, "tokenizer.ggml.add_bos_token", True))
+                       _flag(metadata, "tokenizer.ggml.add_bos_token", True), GGUF_SOURCE)
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
             raise TokenizerError(f"{GGUF_SOURCE}: tokenizer.ggml.pre {short(pre)} is not supported "
                                  f"(tinyvlm knows {', '.join(PRE_TOKENIZERS)})")
         merges = gguf_list(metadata, "tokenizer.ggml.merges", str)
         tk = _rust(lambda: build_byte_level(tokens, types, merges, pre), GGUF_SOURCE)
-        return cls(tk, bos, eos, _flag(metadata, "tokenizer.ggml.add_bos_token", False))
+        return cls(tk, bos, eos, _flag(metadata, "tokenizer.ggml.add_bos_token", False), GGUF_SOURCE)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -225,10 +227,12 @@ class Tokenizer:
         json_path, sp_path = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
         if json_path.is_file():
             tk, defaults = _load_tokenizer_json(json_path), {"bos_token": "<s>", "eos_token": "</s>"}
+            source = json_path
         elif sp_path.is_file():
             base = cls.from_sentencepiece(sp_path)
             tk = base._tk
             defaults = {"bos_token": base.id_to_piece(base.bos_id), "eos_token": base.id_to_piece(base.eos_id)}
+            source = sp_path
         else:
             raise TokenizerError(f"{model_dir}: no tokenizer found (looked for tokenizer.json and tokenizer.model)")
         settings = _read_json(model_dir / "special_tokens_map.json") | _read_json(model_dir / "tokenizer_config.json")
@@ -240,7 +244,7 @@ class Tokenizer:
                 raise TokenizerError(f"{model_dir}: {key} {short(name)} is not in the vocabulary")
         add_bos = settings.get("add_bos_token", True)  # null means no BOS, as transformers reads it
         return cls(tk, special["bos_token"], special["eos_token"], add_bos is not None and
-                   flag(add_bos, f"{model_dir}: add_bos_token in the tokenizer settings", TokenizerError))
+                   flag(add_bos, f"{model_dir}: add_bos_token in the tokenizer settings", TokenizerError), source)
 
     @property
     def bos_id(self) -> int:
@@ -262,12 +266,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; BOS first when add_bos and the tokenizer's add_bos_token setting allow it."""
-        ids = _rust(lambda: self._tk.encode(text, add_special_tokens=False).ids, "the tokenizer (encoding)")
+        ids = _rust(lambda: self._tk.encode(text, add_special_tokens=False).ids, f"{self.source} (encoding)")
         return [self._bos_id, *ids] if add_bos and self.add_bos_token else ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of `ids` (special tokens such as <s> and </s> left out when skip_special)."""
-        return _rust(lambda: self._tk.decode(list(ids), skip_special_tokens=skip_special), "the tokenizer (decoding)")
+        return _rust(lambda: self._tk.decode(list(ids), skip_special_tokens=skip_special), f"{self.source} (decoding)")
 
     def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:
         """The UTF-8 bytes one token contributes to decoded text (b"" for a skipped special token)."""

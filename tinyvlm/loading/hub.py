@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from tinyvlm.errors import ModelNotFound, WeightsError
-from tinyvlm.limits import short
+from tinyvlm.limits import short, shown
 from tinyvlm.weights.store import file_kind, first_bytes
 
 # An id is "org/name" (or a bare "name"): letters, digits, '-', '_' and '.', one slash at most.
@@ -56,7 +56,8 @@ def _resolve(path_or_id: str | Path) -> Path:
         raise ModelNotFound(f"{path} is not a directory; pass the model directory (holding config.json and the "
                             "weights)")
     if isinstance(path_or_id, Path) or not _MODEL_ID.fullmatch(path_or_id):
-        raise ModelNotFound(f"no model directory {path}; pass a directory holding config.json and the weights")
+        raise ModelNotFound(f"no model directory {shown(str(path))}; pass a directory holding config.json and the "
+                            "weights")
     repo = hub_cache_dir() / ("models--" + path_or_id.replace("/", "--"))
     if not repo.is_dir():
         raise ModelNotFound(f"model {path_or_id!r} not found: no directory {path} and no cache entry {repo}; {how}")
@@ -71,7 +72,7 @@ def _snapshot(model_id: str, repo: Path, how: str) -> Path:
         snapshot = repo / "snapshots" / commit
         if commit and "/" not in commit and snapshot.is_dir():
             return snapshot
-        raise ModelNotFound(f"model {model_id!r}: {ref} names commit {commit!r}, but {snapshot} is missing; {how}")
+        raise ModelNotFound(f"model {model_id!r}: {ref} names commit {short(commit)}, but {snapshot} is missing; {how}")
     snapshots = _snapshots(repo)
     if len(snapshots) == 1:
         return snapshots[0]

@@ -56,7 +56,11 @@ def check_layer_count(names: Iterable[str], pattern: str, count: int, what: str,
     WeightsError naming `what` says otherwise. Run before anything is built per layer from a count in a header.
     Numbers are compared as written, so "01", "١" or a 5,000-digit number is never a layer."""
     held = {m.group(1) for n in names if (m := re.match(pattern, n))}
-    if held != {str(i) for i in range(count)}:
-        numbers = sorted(int(h) for h in held if h.isascii() and h.isdigit() and len(h) <= 9)
-        shown = f"layers {numbers[0]} to {numbers[-1]} ({len(held)} in all)" if numbers else f"{len(held)} layers"
-        raise WeightsError(f"{where}: {what} is {count}, but the weights hold {shown}")
+    if len(held) == count and held == {str(i) for i in range(count)}:  # sized by the file before it is built
+        return
+    plain = {h for h in held if h.isascii() and h.isdigit() and len(h) <= 9 and (h == "0" or h[0] != "0")}
+    numbers = sorted(map(int, plain))
+    found = f"layers {numbers[0]} to {numbers[-1]} ({len(numbers)} in all)" if numbers else "no layer 0, 1, ..."
+    odd = sorted(held - plain)
+    extra = f", and layers numbered {listing(odd, 3)}" if odd else ""
+    raise WeightsError(f"{where}: {what} is {count}, but the weights hold {found}{extra}")
