@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import math
 import reprlib
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
