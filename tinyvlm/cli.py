@@ -195,8 +195,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from tinyvlm.config.hf import read_json
-    from tinyvlm.limits import shown
+    from tinyvlm.errors import ConfigError
+    from tinyvlm.limits import read_json_object, shown
     from tinyvlm.loading.gguf import is_gguf
     from tinyvlm.loading.hub import resolve_model
     from tinyvlm.weights import open_checkpoint, open_file
@@ -209,7 +209,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         model_dir = resolve_model(args.path)
         if (model_dir / "config.json").is_file():
-            print(json.dumps(read_json(model_dir / "config.json"), indent=2, sort_keys=True))
+            print(json.dumps(read_json_object(model_dir / "config.json", ConfigError), indent=2, sort_keys=True))
         store = open_checkpoint(model_dir)
     names = store.names()
     width = min(max((len(n) for n in names), default=4), 60)

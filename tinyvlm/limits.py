@@ -76,6 +76,14 @@ def read_json_file(path: Path, error: type[TinyVLMError]) -> Any:
     return parse_json(data, str(path), error)
 
 
+def read_json_object(path: Path, error: type[TinyVLMError]) -> dict[str, Any]:
+    """read_json_file for a file that must hold a JSON object."""
+    data = read_json_file(path, error)
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def nesting(value: object) -> int:
     """How deep the lists and dicts of a parsed JSON value nest (0 for a scalar), walked without recursion."""
     deepest, stack = 0, [(value, 0)]

@@ -19,7 +19,6 @@ GGUF files carry their vocabulary in `tokenizer.ggml.*` metadata (`Tokenizer.fro
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers
 
 from tinyvlm.errors import TokenizerError
-from tinyvlm.limits import MAX_MERGES, MAX_PIECE_CHARS, MAX_TOKENIZER_BYTES, flag, read_json_file, short
+from tinyvlm.limits import MAX_MERGES, MAX_PIECE_CHARS, MAX_TOKENIZER_BYTES, flag, read_json_object, short
 
 if TYPE_CHECKING:
     from tinyvlm.stream import StreamDecoder
@@ -122,12 +121,7 @@ def _flag(metadata: dict[str, Any], key: str, default: bool) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = read_json_file(path, TokenizerError)
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, TokenizerError) if path.is_file() else {}
 
 
 def _rust(build: Callable[[], T], where: object) -> T:
@@ -195,7 +189,8 @@ class Tokenizer:
         BPE, pre-tokenized per tokenizer.ggml.pre); BOS is added when tokenizer.ggml.add_bos_token says so."""
         model = metadata.get("tokenizer.ggml.model")
         if model not in ("llama", "gpt2"):
-            raise TokenizerError(f"{GGUF_SOURCE}: tokenizer.ggml.model is {short(model)}; tinyvlm reads 'llama' and 'gpt2'")
+            raise TokenizerError(f"{GGUF_SOURCE}: tokenizer.ggml.model is {short(model)}; tinyvlm reads 'llama' and "
+                                 "'gpt2'")
         tokens = gguf_list(metadata, "tokenizer.ggml.tokens", str)
         n = len(tokens)
         types = gguf_list(metadata, "tokenizer.ggml.token_type", int, n)

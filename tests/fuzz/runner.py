@@ -172,23 +172,6 @@ def _where(e: BaseException) -> str:
     return where
 
 
-def _peak_rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def run_case(job: dict) -> str:
     """Load and generate; the outcome as a string (never raises, except KeyboardInterrupt)."""
     import gc
@@ -243,14 +226,15 @@ def worker() -> None:
     proto = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # whatever a case prints goes to stderr, never into the protocol
     __import__("tinyvlm.loading")  # imported once, before the first case
+    from benchmarks._common import peak_rss_mib, reset_peak_rss  # VmHWM, reset per case
 
     proto.write("ready\n")
     proto.flush()
     for line in sys.stdin:
         job = json.loads(line)
-        _reset_peak_rss()
+        reset_peak_rss()
         outcome = run_case(job)
-        peak = _peak_rss_mib()
+        peak = peak_rss_mib()
         if peak > RSS_LIMIT_MIB and not outcome.startswith("oom"):
             outcome = f"oom: peak RSS {peak:.0f} MiB > {RSS_LIMIT_MIB} MiB ({outcome[:200]})"
         proto.write(json.dumps(outcome) + "\n")

@@ -21,12 +21,30 @@ from typing import Any
 import numpy as np
 
 from tinyvlm.errors import ConfigError, PromptError
-from tinyvlm.limits import MAX_HEAD_WIDTH, MAX_PATCHES
+from tinyvlm.limits import MAX_HEAD_WIDTH, MAX_PATCHES, Check, flag, integers, reals, text
 
 PROJECTOR_TYPES = ("ldpnetv2", "ldpnet")
 # OpenAI CLIP's pixel normalisation (every MobileVLM uses it).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+# The checks of the config tables (config.hf, config.gguf): a value read from a file, as a ConfigError.
+def int_in(lo: int, hi: int) -> Check:
+    return integers(lo, hi, ConfigError)
+
+
+def real_in(lo: float, hi: float) -> Check:
+    """A finite number in (lo, hi]."""
+    return reals(lo, hi, ConfigError, above=True)
+
+
+def is_text(value: object, what: str) -> str:
+    return text(value, what, ConfigError)
+
+
+def is_flag(value: object, what: str) -> bool:
+    return flag(value, what, ConfigError)
 
 
 @dataclass(frozen=True)
@@ -57,8 +75,8 @@ class TextConfig:
         if self.head_dim % 2:
             raise ConfigError(f"the head size {self.head_dim} is odd; RoPE rotates pairs of values")
         if self.num_attention_heads * self.head_dim > MAX_HEAD_WIDTH * self.hidden_size:
-            raise ConfigError(f"{self.num_attention_heads} heads of {self.head_dim} are more than {MAX_HEAD_WIDTH} times "
-                              f"hidden_size {self.hidden_size}")
+            raise ConfigError(f"{self.num_attention_heads} heads of {self.head_dim} are more than {MAX_HEAD_WIDTH} "
+                              f"times hidden_size {self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "

@@ -7,33 +7,26 @@ from typing import Any
 
 import numpy as np
 
-from tinyvlm.config import CLIP_MEAN, CLIP_STD, ProjectorConfig, TextConfig, VisionConfig, check_fit
+from tinyvlm.config import (CLIP_MEAN, CLIP_STD, ProjectorConfig, TextConfig, VisionConfig, check_fit, int_in, is_flag,
+                            real_in)
 from tinyvlm.errors import ConfigError
 from tinyvlm.limits import (MAX_CONTEXT, MAX_LAYERS, MAX_ROPE_BASE, MAX_VOCAB, MAX_WIDTH, REQUIRED, Check, choices,
-                            flag, integer, integers, read_table, reals, short)
+                            integer, read_table, short)
 from tinyvlm.weights.checked import check_layer_count
-
-def _int(lo: int, hi: int) -> Check:
-    return integers(lo, hi, ConfigError)
-
-
-def _real(lo: float, hi: float) -> Check:
-    return reals(lo, hi, ConfigError, above=True)
-
 
 # Every GGUF key read for the LLM (gguf-py Keys.LLM / Keys.Attention / Keys.Rope, under "{arch}."): TextConfig
 # field -> (key, check, default; None: derived from other keys).
 _TEXT_KEYS = {
-    "hidden_size": ("embedding_length", _int(1, MAX_WIDTH), REQUIRED),
-    "num_hidden_layers": ("block_count", _int(1, MAX_LAYERS), REQUIRED),
-    "num_attention_heads": ("attention.head_count", _int(1, MAX_WIDTH), REQUIRED),
-    "num_key_value_heads": ("attention.head_count_kv", _int(1, MAX_WIDTH), None),
-    "intermediate_size": ("feed_forward_length", _int(1, MAX_WIDTH), REQUIRED),
-    "max_position_embeddings": ("context_length", _int(1, MAX_CONTEXT), REQUIRED),
-    "rms_norm_eps": ("attention.layer_norm_rms_epsilon", _real(0, 1), 1e-6),
-    "rope_theta": ("rope.freq_base", _real(0, MAX_ROPE_BASE), 10000.0),
-    "head_dim": ("attention.key_length", _int(1, MAX_WIDTH), None),
-    "vocab_size": ("vocab_size", _int(1, MAX_VOCAB), None),  # when there is no tokenizer.ggml.tokens
+    "hidden_size": ("embedding_length", int_in(1, MAX_WIDTH), REQUIRED),
+    "num_hidden_layers": ("block_count", int_in(1, MAX_LAYERS), REQUIRED),
+    "num_attention_heads": ("attention.head_count", int_in(1, MAX_WIDTH), REQUIRED),
+    "num_key_value_heads": ("attention.head_count_kv", int_in(1, MAX_WIDTH), None),
+    "intermediate_size": ("feed_forward_length", int_in(1, MAX_WIDTH), REQUIRED),
+    "max_position_embeddings": ("context_length", int_in(1, MAX_CONTEXT), REQUIRED),
+    "rms_norm_eps": ("attention.layer_norm_rms_epsilon", real_in(0, 1), 1e-6),
+    "rope_theta": ("rope.freq_base", real_in(0, MAX_ROPE_BASE), 10000.0),
+    "head_dim": ("attention.key_length", int_in(1, MAX_WIDTH), None),
+    "vocab_size": ("vocab_size", int_in(1, MAX_VOCAB), None),  # when there is no tokenizer.ggml.tokens
 }
 _TOKEN_KEYS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id"}
 
@@ -78,17 +71,17 @@ LLAMACPP_PROJECTORS = {"ldp": "ldpnet", "ldpv2": "ldpnetv2"}
 
 # Every key read from an mmproj file: VisionConfig field -> (key, check, default).
 _CLIP_KEYS = {
-    "hidden_size": ("clip.vision.embedding_length", _int(1, MAX_WIDTH), REQUIRED),
-    "num_hidden_layers": ("clip.vision.block_count", _int(1, MAX_LAYERS), REQUIRED),
-    "num_attention_heads": ("clip.vision.attention.head_count", _int(1, MAX_WIDTH), REQUIRED),
-    "intermediate_size": ("clip.vision.feed_forward_length", _int(1, MAX_WIDTH), REQUIRED),
-    "image_size": ("clip.vision.image_size", _int(1, MAX_WIDTH), REQUIRED),
-    "patch_size": ("clip.vision.patch_size", _int(1, MAX_WIDTH), REQUIRED),
-    "layer_norm_eps": ("clip.vision.attention.layer_norm_epsilon", _real(0, 1), 1e-5),
+    "hidden_size": ("clip.vision.embedding_length", int_in(1, MAX_WIDTH), REQUIRED),
+    "num_hidden_layers": ("clip.vision.block_count", int_in(1, MAX_LAYERS), REQUIRED),
+    "num_attention_heads": ("clip.vision.attention.head_count", int_in(1, MAX_WIDTH), REQUIRED),
+    "intermediate_size": ("clip.vision.feed_forward_length", int_in(1, MAX_WIDTH), REQUIRED),
+    "image_size": ("clip.vision.image_size", int_in(1, MAX_WIDTH), REQUIRED),
+    "patch_size": ("clip.vision.patch_size", int_in(1, MAX_WIDTH), REQUIRED),
+    "layer_norm_eps": ("clip.vision.attention.layer_norm_epsilon", real_in(0, 1), 1e-5),
 }
 _MMPROJ_KEYS = {
     "clip.projector_type": (choices(tuple(LLAMACPP_PROJECTORS), ConfigError), REQUIRED),
-    "clip.use_gelu": (lambda v, what: flag(v, what, ConfigError), False),
+    "clip.use_gelu": (is_flag, False),
     "clip.vision.image_mean": (lambda v, what: _floats(v, what, CLIP_MEAN), None),
     "clip.vision.image_std": (lambda v, what: _floats(v, what, CLIP_STD), None),
     "clip.vision.feature_layer": (lambda v, what: _floats(v, what, None), None),

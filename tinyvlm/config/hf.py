@@ -10,27 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tinyvlm.config import PROJECTOR_TYPES, ModelConfig, ProjectorConfig, TextConfig, VisionConfig
+from tinyvlm.config import (PROJECTOR_TYPES, ModelConfig, ProjectorConfig, TextConfig, VisionConfig, int_in, is_flag,
+                            is_text, real_in)
 from tinyvlm.errors import ConfigError
 from tinyvlm.limits import (MAX_CONTEXT, MAX_LAYERS, MAX_ROPE_BASE, MAX_VOCAB, MAX_WIDTH, REQUIRED, Check, choices,
-                            flag, integer, integers, read_json_file, read_table, reals, short, text)
+                            integer, integers, read_json_object, read_table, short)
 from tinyvlm.weights.names import CLIP_EMBEDDINGS, CLIP_LAYER
-
-
-def _int(lo: int, hi: int) -> Check:
-    return integers(lo, hi, ConfigError)
-
-
-def _real(lo: float, hi: float) -> Check:
-    return reals(lo, hi, ConfigError, above=True)
-
-
-def _text(value: object, what: str) -> str:
-    return text(value, what, ConfigError)
-
-
-def _flag(value: object, what: str) -> bool:
-    return flag(value, what, ConfigError)
 
 
 def _token_ids(value: object, what: str) -> int:
@@ -41,40 +26,40 @@ def _token_ids(value: object, what: str) -> int:
 
 # Every key read from a checkpoint's config.json: its check and its default (None: derived from other keys).
 _TEXT_KEYS: dict[str, tuple[Check, Any]] = {
-    "hidden_size": (_int(1, MAX_WIDTH), REQUIRED),
-    "num_hidden_layers": (_int(1, MAX_LAYERS), REQUIRED),
-    "num_attention_heads": (_int(1, MAX_WIDTH), REQUIRED),
-    "num_key_value_heads": (_int(1, MAX_WIDTH), None),  # default: num_attention_heads
-    "intermediate_size": (_int(1, MAX_WIDTH), REQUIRED),
-    "vocab_size": (_int(1, MAX_VOCAB), REQUIRED),
-    "max_sequence_length": (_int(1, MAX_CONTEXT), None),  # wins over max_position_embeddings when present
-    "max_position_embeddings": (_int(1, MAX_CONTEXT), 2048),
-    "rms_norm_eps": (_real(0, 1), 1e-6),
-    "rope_theta": (_real(0, MAX_ROPE_BASE), 10000.0),
-    "tie_word_embeddings": (_flag, False),
+    "hidden_size": (int_in(1, MAX_WIDTH), REQUIRED),
+    "num_hidden_layers": (int_in(1, MAX_LAYERS), REQUIRED),
+    "num_attention_heads": (int_in(1, MAX_WIDTH), REQUIRED),
+    "num_key_value_heads": (int_in(1, MAX_WIDTH), None),  # default: num_attention_heads
+    "intermediate_size": (int_in(1, MAX_WIDTH), REQUIRED),
+    "vocab_size": (int_in(1, MAX_VOCAB), REQUIRED),
+    "max_sequence_length": (int_in(1, MAX_CONTEXT), None),  # wins over max_position_embeddings when present
+    "max_position_embeddings": (int_in(1, MAX_CONTEXT), 2048),
+    "rms_norm_eps": (real_in(0, 1), 1e-6),
+    "rope_theta": (real_in(0, MAX_ROPE_BASE), 10000.0),
+    "tie_word_embeddings": (is_flag, False),
     "bos_token_id": (_token_ids, 1),
     "eos_token_id": (_token_ids, 2),
-    "head_dim": (_int(1, MAX_WIDTH), None),  # default: hidden_size / num_attention_heads
+    "head_dim": (int_in(1, MAX_WIDTH), None),  # default: hidden_size / num_attention_heads
 }
 _VLM_KEYS: dict[str, tuple[Check, Any]] = {
-    "mm_projector_type": (_text, REQUIRED),
+    "mm_projector_type": (is_text, REQUIRED),
     "vision_tower_type": (choices(("clip",), ConfigError), "clip"),
-    "mm_hidden_size": (_int(1, MAX_WIDTH), 1024),
-    "mm_vision_tower": (_text, None),
-    "image_aspect_ratio": (_text, "pad"),
+    "mm_hidden_size": (int_in(1, MAX_WIDTH), 1024),
+    "mm_vision_tower": (is_text, None),
+    "image_aspect_ratio": (is_text, "pad"),
     "mm_vision_select_layer": (integers(-MAX_LAYERS - 1, MAX_LAYERS, ConfigError), -2),
     "mm_vision_select_feature": (choices(("patch", "cls_patch"), ConfigError), "patch"),
 }
 # A CLIP tower's config.json (or its vision_config): defaults are ViT-L/14-336.
 _CLIP = VisionConfig()
 _CLIP_KEYS: dict[str, tuple[Check, Any]] = {
-    "hidden_size": (_int(1, MAX_WIDTH), _CLIP.hidden_size),
-    "num_hidden_layers": (_int(1, MAX_LAYERS), _CLIP.num_hidden_layers),
-    "num_attention_heads": (_int(1, MAX_WIDTH), _CLIP.num_attention_heads),
-    "intermediate_size": (_int(1, MAX_WIDTH), _CLIP.intermediate_size),
-    "image_size": (_int(1, MAX_WIDTH), _CLIP.image_size),
-    "patch_size": (_int(1, MAX_WIDTH), _CLIP.patch_size),
-    "layer_norm_eps": (_real(0, 1), _CLIP.layer_norm_eps),
+    "hidden_size": (int_in(1, MAX_WIDTH), _CLIP.hidden_size),
+    "num_hidden_layers": (int_in(1, MAX_LAYERS), _CLIP.num_hidden_layers),
+    "num_attention_heads": (int_in(1, MAX_WIDTH), _CLIP.num_attention_heads),
+    "intermediate_size": (int_in(1, MAX_WIDTH), _CLIP.intermediate_size),
+    "image_size": (int_in(1, MAX_WIDTH), _CLIP.image_size),
+    "patch_size": (int_in(1, MAX_WIDTH), _CLIP.patch_size),
+    "layer_norm_eps": (real_in(0, 1), _CLIP.layer_norm_eps),
     "hidden_act": (choices(("quick_gelu",), ConfigError), "quick_gelu"),  # the only one vision.py runs
 }
 
@@ -112,19 +97,12 @@ def vision_config_from_dict(cfg: dict[str, Any], path: Path, select_layer: int, 
         raise ConfigError(f"{path}: {e}") from None
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    data = read_json_file(path, ConfigError)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
-
-
 def load_config(model_dir: Path) -> ModelConfig:
     """Read `model_dir/config.json`. The vision config is filled in later from the tower's weights."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found")
-    cfg = read_json(path)
+    cfg = read_json_object(path, ConfigError)
     text = text_config_from_dict(cfg, path)
     if "mm_projector_type" not in cfg:
         return ModelConfig(text=text, raw=cfg)

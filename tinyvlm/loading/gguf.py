@@ -36,8 +36,9 @@ from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, vision_needed_names
 from tinyvlm.vlm import VLM
 from tinyvlm.weights.checked import check_layer_count, check_tensors, listing
-from tinyvlm.weights.gguf import MAGIC, GGUFTensor, read_gguf, to_float32
+from tinyvlm.weights.gguf import GGUFTensor, read_gguf, to_float32
 from tinyvlm.weights.names import hf_name, mmproj_name, unpermute_qk, unsqueeze
+from tinyvlm.weights.store import file_kind
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
@@ -45,11 +46,8 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 def is_gguf(path: str | Path) -> bool:
     path = Path(path)
     try:
-        if not path.is_file():  # a FIFO would block open()
-            return False
-        with open(path, "rb") as f:
-            return f.read(4) == MAGIC
-    except (OSError, ValueError):  # not a file, unreadable, an impossible name: the other paths say why
+        return path.is_file() and file_kind(path) == "GGUF"  # is_file first: a FIFO would block open()
+    except (WeightsError, ValueError):  # unreadable, an impossible name: the other paths say why
         return False
 
 

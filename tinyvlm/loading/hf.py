@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tinyvlm.backends import Backend
 from tinyvlm.config import ModelConfig
-from tinyvlm.config.hf import load_config, read_json, vision_config_from_dict, vision_config_from_shapes
+from tinyvlm.config.hf import load_config, vision_config_from_dict, vision_config_from_shapes
 from tinyvlm.errors import ConfigError, ModelNotFound, TinyVLMError, WeightsError
-from tinyvlm.limits import short
+from tinyvlm.limits import read_json_object, short
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.loading.hub import resolve_model
 from tinyvlm.projector import build_projector, projector_expected_shapes
@@ -41,7 +41,7 @@ class _Tower:
         layer, feature = cfg.select_layer, cfg.select_feature
         if config_dir is not None and (config_dir / "config.json").is_file():
             path = config_dir / "config.json"
-            self.config = vision_config_from_dict(read_json(path), path, layer, feature)
+            self.config = vision_config_from_dict(read_json_object(path, ConfigError), path, layer, feature)
         else:
             try:
                 self.config = vision_config_from_shapes(shapes, cfg.mm_vision_tower, layer, feature, warn=warn)

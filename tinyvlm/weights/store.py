@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyvlm.errors import ModelNotFound, WeightsError
-from tinyvlm.limits import read_json_file, short
+from tinyvlm.limits import read_json_object, short
 from tinyvlm.weights.checked import check_tensors
 from tinyvlm.weights.gguf import MAGIC as GGUF_MAGIC
 from tinyvlm.weights.safetensors import FLOAT_TAGS, RawTensor, read_safetensors_with_metadata
@@ -168,8 +168,7 @@ def open_checkpoint(model_dir: Path) -> TensorStore:
 
 def _open_index(index_path: Path) -> TensorStore:
     """Open the shards an index's weight_map names, checking that each shard holds the tensors mapped to it."""
-    index = read_json_file(index_path, WeightsError)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json_object(index_path, WeightsError).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WeightsError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
     tensors: dict[str, RawTensor] = {}
