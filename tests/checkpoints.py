@@ -3,6 +3,7 @@
 The reference is transformers' CLIPVisionModel and LlamaForCausalLM plus tests/torch_ldp.py (LDP / LDPv2 written
 from the spec in torch). Weights get enough spread that logits are not near ties. When a checkpoint is stored in
 bf16, the reference modules hold the same bf16-rounded values, so both sides compute on identical numbers.
+torch and transformers are imported by the functions that use them: importing TEXT or VISION needs neither.
 """
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from safetensors.torch import save_file
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from tests.torch_ldp import LDPNetProjector, LDPNetV2Projector
+if TYPE_CHECKING:
+    import torch
+    from transformers import CLIPVisionModel, LlamaForCausalLM
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOKENIZER_MODEL = SHARED_DATA / "llama-spm-vocab" / "tokenizer.model"
@@ -33,6 +34,8 @@ TEXT = dict(vocab_size=32000, hidden_size=128, intermediate_size=256, num_hidden
 
 def _spread(module: torch.nn.Module, gen: torch.Generator, std: float) -> None:
     """Re-draw every parameter: norms near 1, everything else normal(0, std)."""
+    import torch
+
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
@@ -48,6 +51,8 @@ def _clip_state(clip: CLIPVisionModel) -> dict[str, torch.Tensor]:
 
 
 def _round_bf16(module: torch.nn.Module) -> None:
+    import torch
+
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(p.to(torch.bfloat16).to(torch.float32))
@@ -63,9 +68,10 @@ class Reference:
     projector: torch.nn.Module
     llama: LlamaForCausalLM
 
-    @torch.no_grad()
     def pixels(self, image: Image.Image) -> np.ndarray:
         """Official preprocessing: expand2square with the mean colour, then CLIPImageProcessor (PIL bicubic)."""
+        from transformers import CLIPImageProcessor
+
         image = image.convert("RGB")
         w, h = image.size
         fill = tuple(int(m * 255) for m in CLIP_MEAN)
@@ -78,47 +84,57 @@ class Reference:
                                   resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD)
         return proc(images=image, return_tensors="np")["pixel_values"][0].astype(np.float32)
 
-    @torch.no_grad()
     def features(self, pixels: np.ndarray) -> np.ndarray:
-        out = self.clip(torch.from_numpy(pixels)[None], output_hidden_states=True)
+        import torch
+
+        with torch.no_grad():
+            out = self.clip(torch.from_numpy(pixels)[None], output_hidden_states=True)
         return out.hidden_states[-2][0, 1:].numpy()  # (P, C)
 
-    @torch.no_grad()
     def image_tokens(self, pixels: np.ndarray) -> np.ndarray:
-        return self.projector(torch.from_numpy(self.features(pixels))[None])[0].numpy()  # (N, D)
+        import torch
 
-    @torch.no_grad()
+        with torch.no_grad():
+            return self.projector(torch.from_numpy(self.features(pixels))[None])[0].numpy()  # (N, D)
+
     def embeds(self, ids: list[int], image_tokens: np.ndarray | None) -> torch.Tensor:
         """Splice as the official prepare_inputs_labels_for_multimodal does: each -200 becomes the image."""
+        import torch
+
         parts, run = [], []
         table = self.llama.get_input_embeddings()
-        for t in ids + [None]:
-            if t is None or t == -200:
-                if run:
-                    parts.append(table(torch.tensor(run)))
-                    run = []
-                if t == -200:
-                    parts.append(torch.from_numpy(image_tokens))
-            else:
-                run.append(t)
-        return torch.cat(parts)[None]  # (1, T', D)
+        with torch.no_grad():
+            for t in ids + [None]:
+                if t is None or t == -200:
+                    if run:
+                        parts.append(table(torch.tensor(run)))
+                        run = []
+                    if t == -200:
+                        parts.append(torch.from_numpy(image_tokens))
+                else:
+                    run.append(t)
+            return torch.cat(parts)[None]  # (1, T', D)
 
-    @torch.no_grad()
     def logits(self, ids: list[int], image_tokens: np.ndarray | None) -> np.ndarray:
-        return self.llama(inputs_embeds=self.embeds(ids, image_tokens)).logits[0].numpy()  # (T', V)
+        import torch
 
-    @torch.no_grad()
+        with torch.no_grad():
+            return self.llama(inputs_embeds=self.embeds(ids, image_tokens)).logits[0].numpy()  # (T', V)
+
     def greedy(self, ids: list[int], image_tokens: np.ndarray | None, steps: int) -> list[int]:
         """Greedy ids by full recomputation each step (no cache), stopping at EOS."""
+        import torch
+
         embeds = self.embeds(ids, image_tokens)
         table = self.llama.get_input_embeddings()
         out: list[int] = []
-        for _ in range(steps):
-            tok = int(self.llama(inputs_embeds=embeds).logits[0, -1].argmax())
-            if tok == TEXT["eos_token_id"]:
-                break
-            out.append(tok)
-            embeds = torch.cat([embeds, table(torch.tensor([[tok]]))], dim=1)
+        with torch.no_grad():
+            for _ in range(steps):
+                tok = int(self.llama(inputs_embeds=embeds).logits[0, -1].argmax())
+                if tok == TEXT["eos_token_id"]:
+                    break
+                out.append(tok)
+                embeds = torch.cat([embeds, table(torch.tensor([[tok]]))], dim=1)
         return out
 
 
@@ -156,6 +172,12 @@ def build(root: Path, name: str, kind: str | None, fmt: str, seed: int = 0) -> R
     fmt: "bin-bf16" (pytorch_model.bin in bf16, as mtgv ships), "bin-fp16", or "safetensors-sharded" (fp32, 2 shards).
     V1 checkpoints name a separate fp32 CLIP directory in mm_vision_tower and carry a bf16 copy of it too.
     """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from tests.torch_ldp import LDPNetProjector, LDPNetV2Projector
+
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     out = root / name

@@ -16,6 +16,11 @@ os.environ["HF_HUB_CACHE"] = _EMPTY_HF
 os.environ.pop("TINYVLM_MODEL", None)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "torch: the test imports torch or transformers (its oracle); .ci/arm64.sh "
+                            "deselects these, as torch is not installed there")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every test module runs once per backend (numpy, and numba where it imports), unless it sets
     BACKEND_FREE = True because nothing in it runs a model. Module scope: a module's model fixtures are built

@@ -4,18 +4,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
-import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from transformers import (
-    LlamaForCausalLM,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from tests.test_language import VOCAB, prompt, tiny_llama
 from tinyvlm.backends import Backend, NumpyBackend
@@ -24,6 +18,9 @@ from tinyvlm.errors import PromptError
 from tinyvlm.config import GenerationConfig
 from tinyvlm.generate import generate_tokens, processed_logits, sample_next
 from tinyvlm.language import LanguageModel
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 # Processed scores are float32 on both sides (measured: bit-identical); probabilities are
 # float64 here and float32 in transformers (measured differences up to 1.6e-7).
@@ -38,6 +35,10 @@ def random_logits(seed: int, vocab: int, scale: float, ties: bool) -> np.ndarray
 
 def hf_scores(logits: np.ndarray, cfg: GenerationConfig, history: Sequence[int]) -> tuple[np.ndarray, float]:
     """The processors in generate's order; also how close top-p's cumulative sums come to its threshold."""
+    import torch
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
     ids = torch.tensor([list(history)], dtype=torch.long).reshape(1, -1)
     scores = torch.from_numpy(logits.copy())[None]
     if cfg.repetition_penalty != 1.0:
@@ -61,6 +62,8 @@ def hf_scores(logits: np.ndarray, cfg: GenerationConfig, history: Sequence[int])
 def test_filtered_distribution_matches_transformers(seed: int, vocab: int, scale: float, ties: bool,
                                                     temperature: float, top_k: int, top_p: float, penalty: float,
                                                     n_history: int) -> None:
+    import torch
+
     logits = random_logits(seed, vocab, scale, ties)
     history = np.random.default_rng(seed + 1).integers(0, vocab, n_history).tolist()
     cfg = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
@@ -80,6 +83,9 @@ def test_filtered_distribution_matches_transformers(seed: int, vocab: int, scale
 @settings(derandomize=True, max_examples=100, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), vocab=st.integers(2, 2000), penalty=st.floats(0.5, 2.0) | st.just(1.0))
 def test_greedy_is_argmax_after_penalty(seed: int, vocab: int, penalty: float) -> None:
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
     logits = random_logits(seed, vocab, 3.0, ties=False)
     history = np.random.default_rng(seed + 1).integers(0, vocab, 10).tolist()
     cfg = GenerationConfig(repetition_penalty=penalty)
@@ -172,7 +178,7 @@ def test_validate_names_the_bad_value(field: str, value: object) -> None:
         GenerationConfig(**{field: value})
 
 
-Models = tuple[LlamaForCausalLM, LanguageModel]
+Models = tuple["LlamaForCausalLM", LanguageModel]  # (transformers' model, ours)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +188,8 @@ def gqa_models(backend: Backend) -> Models:
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_greedy_generation_matches_transformers(gqa_models: Models, penalty: float) -> None:
+    import torch
+
     ref, lm = gqa_models
     ids = prompt(12, seed=5)
     with torch.no_grad():

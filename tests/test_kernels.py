@@ -2,18 +2,17 @@
 
 These references are the oracle for the faster kernels to come, so each is checked on random shapes (one row,
 odd sizes) and memory layouts (C order, Fortran order, a stride of 2), in float32 unless stated. Tolerances are
-relative to the largest magnitude in the reference unless stated.
+relative to the largest magnitude in the reference unless stated. The tests with a torch or transformers oracle
+import it inside and are marked `torch`; the others also run as aarch64 code without torch (.ci/arm64.sh).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tinyvlm.kernels import (apply_rope, depthwise3x3, erf, gelu, hardsigmoid, hardswish, layer_norm, quick_gelu,
                              rms_norm, rope_tables, silu, softmax)
@@ -60,11 +59,14 @@ def max_rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def llama_rms_norm_64(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """LlamaRMSNorm's formula, w * x * rsqrt(mean(x^2) + eps), computed by torch in float64."""
+    import torch
+
     h = torch.from_numpy(np.asarray(x, dtype=np.float64))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return (torch.from_numpy(weight.astype(np.float64)) * h).numpy()
 
 
+@pytest.mark.torch
 @PROPERTY
 @given(seeds, rows, widths, log_scales, layouts, st.sampled_from([1e-6, 1e-5]))
 def test_rms_norm_matches_llama_formula(seed: int, n: int, d: int, log_scale: float, layout: str, eps: float) -> None:
@@ -96,9 +98,13 @@ def test_rms_norm_is_scale_invariant(seed: int, n: int, d: int, log_scale: float
         assert max_rel(fixed[i], base[i]) <= 2e-6 + eps_weight
 
 
+@pytest.mark.torch
 @PROPERTY
 @given(seeds, rows, widths, log_scales, layouts, st.sampled_from([1e-6, 1e-5]))
 def test_layer_norm_matches_torch(seed: int, n: int, d: int, log_scale: float, layout: str, eps: float) -> None:
+    import torch
+    import torch.nn.functional as F
+
     x = random_rows(seed, n, d, log_scale, layout)
     rng = np.random.default_rng(seed + 1)
     weight = (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)
@@ -111,7 +117,11 @@ def test_layer_norm_matches_torch(seed: int, n: int, d: int, log_scale: float, l
         assert max_rel(ours[i], ref[i]) <= 1e-6
 
 
+@pytest.mark.torch
 def test_layer_norm_on_a_channels_last_map() -> None:
+    import torch
+    import torch.nn.functional as F
+
     # The projectors normalise [G, G, D] maps over channels: the same as torch's layer_norm over the last axis.
     x = np.random.default_rng(0).standard_normal((5, 5, 9)).astype(np.float32)
     w, b = np.linspace(0.5, 1.5, 9, dtype=np.float32), np.linspace(-1, 1, 9, dtype=np.float32)
@@ -123,9 +133,12 @@ def test_layer_norm_on_a_channels_last_map() -> None:
 # Softmax
 
 
+@pytest.mark.torch
 @PROPERTY
 @given(seeds, rows, widths, log_scales, layouts, st.sampled_from([-1, 0]))
 def test_softmax_matches_torch(seed: int, n: int, d: int, log_scale: float, layout: str, axis: int) -> None:
+    import torch
+
     x = random_rows(seed, n, d, min(log_scale, 1.5), layout)  # scores up to ~ +-300
     probs = softmax(x, axis=axis)
     assert probs.dtype == np.float32 and probs.shape == x.shape
@@ -145,9 +158,12 @@ def test_softmax_ignores_a_constant_shift(seed: int, n: int, d: int, log_scale: 
     assert np.abs(softmax(shifted) - softmax(x)).max() <= 8e-6
 
 
+@pytest.mark.torch
 @PROPERTY
 @given(seeds, rows, widths, layouts)
 def test_softmax_in_place_and_masked(seed: int, n: int, d: int, layout: str) -> None:
+    import torch
+
     x = random_rows(seed, n, d, 0.5, layout)
     mask = np.random.default_rng(seed + 1).random((n, d)) < 0.5
     mask[:, 0] = False  # every row keeps one finite score, as the causal mask keeps the diagonal
@@ -170,6 +186,7 @@ def _grid() -> np.ndarray:
     return np.concatenate([np.linspace(-100, 100, 200_001), [-3, 3, 0, -0.0], rng.standard_normal(50_000) * 4])
 
 
+@pytest.mark.torch
 @PROPERTY
 @given(seeds, rows, widths, st.floats(-3.0, 2.0), layouts)
 def test_activations_match_torch(seed: int, n: int, d: int, log_scale: float, layout: str) -> None:
@@ -177,6 +194,7 @@ def test_activations_match_torch(seed: int, n: int, d: int, log_scale: float, la
     check_activations(x)
 
 
+@pytest.mark.torch
 def test_activations_on_a_dense_grid() -> None:
     check_activations(_grid().astype(np.float32))
 
@@ -189,6 +207,9 @@ def check_activations(x: np.ndarray) -> None:
     absolute near 100 (an ulp); hardswish exact; hardsigmoid 6e-8 absolute (it computes x/6 + 1/2, torch
     (x + 3)/6).
     """
+    import torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(x))
     t64 = t.double()
     cases = {
@@ -229,7 +250,10 @@ def test_erf_against_math_erf() -> None:
     assert (np.abs(ours32[normal] - ref32[normal]) / np.abs(ref32[normal])).max() <= 2**-24  # correctly rounded
 
 
+@pytest.mark.torch
 def test_gelu_against_torch() -> None:
+    import torch
+
     z = np.concatenate([np.linspace(-20, 20, 400_001), np.random.default_rng(0).standard_normal(100_000) * 3])
     z = z.astype(np.float32)
     ours = gelu(z)
@@ -257,10 +281,14 @@ def heads(seed: int, n_heads: int, n_tokens: int, head_dim: int) -> np.ndarray:
     return x.transpose(1, 0, 2)
 
 
+@pytest.mark.torch
 @PROPERTY
 @given(seeds, st.sampled_from([1, 3, 4]), st.sampled_from([1, 2, 5]), head_dims, positions)
 def test_rope_matches_transformers_and_keeps_norms(seed: int, n_heads: int, n_tokens: int, head_dim: int,
                                                    start: int) -> None:
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     cos, sin = rope_tables(head_dim, 1024 + n_tokens, 10000.0)
     x = heads(seed, n_heads, n_tokens, head_dim)  # (H, T, Dh)
     c, s = cos[start:start + n_tokens], sin[start:start + n_tokens]  # (T, Dh/2)
@@ -301,9 +329,13 @@ def test_rope_scores_depend_on_the_offset_only(seed: int, head_dim: int, m: int,
 # Depthwise convolution
 
 
+@pytest.mark.torch
 @PROPERTY
 @given(seeds, st.integers(1, 9), st.sampled_from([1, 2, 3, 8]), st.sampled_from([1, 2]), layouts)
 def test_depthwise3x3_matches_torch_conv2d(seed: int, side: int, channels: int, stride: int, layout: str) -> None:
+    import torch
+    import torch.nn.functional as F
+
     rng = np.random.default_rng(seed)
     x = laid_out(rng.standard_normal((side, side, channels)).astype(np.float32), layout)  # (G, G, D)
     w = rng.standard_normal((3, 3, channels)).astype(np.float32)  # (3, 3, D)

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from tinyvlm.backends import Backend, make
 from tinyvlm.config import TextConfig
@@ -15,6 +13,9 @@ from tinyvlm.errors import PromptError, WeightsError
 from tinyvlm.kernels import rope_tables
 from tinyvlm.cache import INITIAL_POSITIONS
 from tinyvlm.language import LanguageModel, language_expected_shapes
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 VOCAB = 1000
 # Logits compared as max|ours - ref| / max|ref|; measured about 1.3e-6 on these models.
@@ -31,6 +32,9 @@ def tiny_llama(kv: int, tie: bool, seed: int = 0, backend: Backend | None = None
 
     initializer_range 0.1 gives logits with std ~1.1, so greedy choices are not near-ties.
     """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     hf_cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=128, num_attention_heads=4, num_key_value_heads=kv, num_hidden_layers=2,
@@ -58,6 +62,8 @@ def prompt(n: int = 20, seed: int = 1) -> np.ndarray:
 
 
 def ref_logits(ref: LlamaForCausalLM, ids: np.ndarray) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return ref(torch.tensor(ids)[None]).logits[0].numpy()
 
@@ -96,6 +102,8 @@ def test_prefill_equals_steps_and_chunks(models: tuple[LlamaForCausalLM, Languag
 
 
 def test_greedy_matches_transformers_generate(models: tuple[LlamaForCausalLM, LanguageModel]) -> None:
+    import torch
+
     ref, lm = models
     ids = prompt(12, seed=2)
     with torch.no_grad():
@@ -112,6 +120,8 @@ def test_greedy_matches_transformers_generate(models: tuple[LlamaForCausalLM, La
 
 
 def test_forward_from_inputs_embeds(models: tuple[LlamaForCausalLM, LanguageModel]) -> None:
+    import torch
+
     ref, lm = models
     ids = prompt()
     embeds = lm.embed(ids)
@@ -179,6 +189,10 @@ def test_weight_problems_listed_together() -> None:
 
 @pytest.mark.parametrize("head_dim, n_pos, theta", [(32, 256, 1e4), (64, 2048, 1e4), (80, 2048, 1e4), (64, 4096, 5e5)])
 def test_rope_tables_match_transformers(head_dim: int, n_pos: int, theta: float) -> None:
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     hf_cfg = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, max_position_embeddings=n_pos,
                          rope_theta=theta)
     cos_ref, sin_ref = LlamaRotaryEmbedding(hf_cfg)(torch.zeros(1), torch.arange(n_pos)[None])

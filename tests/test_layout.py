@@ -3,11 +3,14 @@
     cli -> public API and loading -> vlm / chat -> model parts -> backends -> kernels -> weights, config, limits, errors
 
 A module may import from its own layer or any layer below it, never above. Imports inside functions count too
-(they are how heavy modules stay lazy, and they are arrows all the same).
+(they are how heavy modules stay lazy, and they are arrows all the same). The tests import torch and transformers,
+their oracles, only inside the tests that use them, so the others also run where torch is not installed.
 """
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,13 @@ def test_the_checker_sees_an_upward_arrow(tmp_path: Path) -> None:
 def test_modules_stay_small(module: str) -> None:
     lines = len(MODULES[module].read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{module}: {lines} lines"
+
+
+def test_collecting_the_tests_imports_neither_torch_nor_transformers() -> None:
+    """.ci/arm64.sh runs the kernel tests where torch is not installed: collecting the whole suite with torch and
+    transformers made unimportable must still work."""
+    code = ("import sys; sys.modules.update(torch=None, transformers=None)  # `import torch` now raises\n"
+            "import pytest; sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -19,11 +19,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import tinyvlm
@@ -32,6 +32,9 @@ from tinyvlm.errors import ConfigError, TinyVLMError, WeightsError
 from tinyvlm.config import GenerationConfig
 from tinyvlm.generate import generate_tokens
 from tinyvlm.weights.names import permute_qk
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is in the image?"

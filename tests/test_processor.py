@@ -8,14 +8,17 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps, features
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from tinyvlm.errors import ImageError
 from tinyvlm.processor import CLIP_MEAN, CLIP_STD, PAD_COLOR, expand_to_square, load_image, preprocess
+
+if TYPE_CHECKING:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 BACKEND_FREE = True  # no model runs here: kernels, files and text only
 
@@ -24,6 +27,8 @@ TOL = 1e-5  # max abs difference of normalised pixels
 
 @pytest.fixture(scope="module")
 def reference() -> CLIPImageProcessorPil:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     return CLIPImageProcessorPil(
         size={"shortest_edge": 336},
         crop_size={"height": 336, "width": 336},
@@ -95,6 +100,8 @@ def test_other_modes(reference: CLIPImageProcessorPil, mode: str) -> None:
 
 
 def test_other_image_sizes(reference: CLIPImageProcessorPil) -> None:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     arr = np.random.default_rng(8).integers(0, 256, (100, 41, 3), dtype=np.uint8)
     proc = CLIPImageProcessorPil(
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3, do_center_crop=True

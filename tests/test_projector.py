@@ -2,23 +2,26 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
 
 from tinyvlm.backends import Backend
 from tinyvlm.config import ProjectorConfig
 from tinyvlm.errors import ConfigError, WeightsError
 from tinyvlm.projector import build_projector, projector_expected_shapes, se_width
-from tests.torch_ldp import LDPNetProjector, LDPNetV2Projector
+
+if TYPE_CHECKING:
+    import torch
 
 REL_TOL = 1e-5  # max |ours - torch| / max |torch|; measured below 1e-6
-ORACLES = {"ldpnet": LDPNetProjector, "ldpnetv2": LDPNetV2Projector}
 
 
 def randomise(module: torch.nn.Module, seed: int) -> None:
     """Weights with spread: N(0, 0.1) for linear/conv kernels, LayerNorm gains 1 + N(0, 0.1), biases N(0, 0.1)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -28,12 +31,16 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
 
 
 def make(kind: str, c_in: int, d: int, seed: int = 0) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
-    oracle = ORACLES[kind](c_in, d).eval()
+    from tests.torch_ldp import LDPNetProjector, LDPNetV2Projector
+
+    oracle = {"ldpnet": LDPNetProjector, "ldpnetv2": LDPNetV2Projector}[kind](c_in, d).eval()
     randomise(oracle, seed)
     return oracle, {k: v.detach().numpy() for k, v in oracle.state_dict().items()}
 
 
 def run_torch(oracle: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return oracle(torch.from_numpy(x)[None])[0].numpy()
 
@@ -62,6 +69,8 @@ def _transposed_tokens(x: np.ndarray, side: int) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["ldpnet", "ldpnetv2"])
 def test_hw_swap_is_detected(kind: str, backend: Backend) -> None:
     """A swapped grid still runs; with asymmetric 3x3 kernels it must give clearly different tokens."""
+    import torch
+
     oracle, weights = make(kind, 64, 128, seed=3)
     x = np.random.default_rng(2).standard_normal((576, 64)).astype(np.float32)
     ours = build_projector(ProjectorConfig(kind, 64, 128), weights, backend)(x)

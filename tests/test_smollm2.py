@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import tinyvlm
 from tests.conftest import smollm2_path
@@ -32,6 +31,7 @@ def smollm2(backend_name):
 
 @pytest.fixture(scope="module")
 def reference():
+    import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(2)
@@ -49,6 +49,8 @@ def test_config_and_template(smollm2):
 
 
 def test_logits_match_transformers_float32(smollm2, reference):
+    import torch
+
     ids = smollm2.tokenizer.encode(PROMPT, add_bos=False)
     ours = smollm2.logits(ids)
     with torch.inference_mode():
@@ -58,6 +60,8 @@ def test_logits_match_transformers_float32(smollm2, reference):
 
 
 def test_greedy_matches_transformers(smollm2, reference):
+    import torch
+
     ids = smollm2.prompt_ids("What is the capital of France?")
     with torch.inference_mode():
         out = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,

@@ -5,22 +5,28 @@ MLP 256, 3 layers. initializer_range 0.08 keeps activations O(1), so the compari
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
-import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from tinyvlm.backends import Backend
 from tinyvlm.config import VisionConfig
 from tinyvlm.errors import ConfigError, ImageError, WeightsError
 from tinyvlm.vision import VisionTower, vision_expected_shapes, vision_needed_names
 
+if TYPE_CHECKING:
+    from transformers import CLIPVisionConfig
+
 REL_TOL = 1e-4  # max |ours - ref| / max |ref|; measured about 8e-7
-Clip = tuple[CLIPVisionConfig, dict[str, np.ndarray], np.ndarray, tuple[np.ndarray, ...]]
+Clip = tuple["CLIPVisionConfig", dict[str, np.ndarray], np.ndarray, tuple[np.ndarray, ...]]
 
 
 @pytest.fixture(scope="module")
 def clip() -> Clip:
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
     torch.manual_seed(0)
     hf_cfg = CLIPVisionConfig(
         hidden_size=128, num_attention_heads=2, intermediate_size=256, num_hidden_layers=3,

@@ -14,22 +14,27 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from tinyvlm.errors import ModelNotFound, WeightsError
 from tinyvlm.weights import TensorStore, is_ignorable_buffer, open_checkpoint, open_file
 from tinyvlm.weights.torch_bin import read_torch_bin
 
+if TYPE_CHECKING:
+    import torch
+
 BACKEND_FREE = True  # no model runs here: kernels, files and text only
 
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of torch's float32, float16, bfloat16
 
 
-def sample_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def sample_tensors(tag: str) -> dict[str, torch.Tensor]:
+    import torch
+
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[tag]
     g = torch.Generator().manual_seed(0)
     return {
         "model.layers.0.self_attn.q_proj.weight": torch.randn(6, 4, generator=g).to(dtype),
@@ -62,7 +67,9 @@ def memmap_of(a: np.ndarray) -> np.memmap | None:
 
 @pytest.mark.parametrize("tag", FLOAT_DTYPES)
 def test_torch_bin_round_trip(tmp_path: Path, tag: str) -> None:
-    tensors = sample_tensors(FLOAT_DTYPES[tag])
+    import torch
+
+    tensors = sample_tensors(tag)
     torch.save(tensors, tmp_path / "pytorch_model.bin")
     store = open_checkpoint(tmp_path)
     assert store.names() == sorted(tensors)
@@ -74,6 +81,8 @@ def test_torch_bin_round_trip(tmp_path: Path, tag: str) -> None:
 
 
 def test_torch_bin_module_state_dict_and_int_buffer(tmp_path: Path) -> None:
+    import torch
+
     # a real state_dict: an OrderedDict carrying `_metadata` (pickled through BUILD), plus an int64 buffer
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).to(torch.bfloat16)
     model.register_buffer("position_ids", torch.arange(7).unsqueeze(0))
@@ -91,6 +100,8 @@ def test_torch_bin_module_state_dict_and_int_buffer(tmp_path: Path) -> None:
 
 
 def test_torch_bin_views_share_storage_and_strides(tmp_path: Path) -> None:
+    import torch
+
     base = torch.randn(40, dtype=torch.float32)
     mat = torch.randn(5, 3, dtype=torch.bfloat16)
     tensors = {
@@ -109,6 +120,8 @@ def test_torch_bin_views_share_storage_and_strides(tmp_path: Path) -> None:
 
 
 def test_torch_bin_rebuild_from_type_and_parameter(tmp_path: Path) -> None:
+    import torch
+
     plain = torch.randn(3, 2)
     plain.note = "python state makes torch.save use _rebuild_from_type_v2"
     param = torch.nn.Parameter(torch.randn(4, dtype=torch.float16))
@@ -122,16 +135,21 @@ def test_torch_bin_rebuild_from_type_and_parameter(tmp_path: Path) -> None:
 
 
 def test_torch_bin_refuses_tensor_subclass(tmp_path: Path) -> None:
+    import torch
+
+    global SubTensor  # a module-level name (pickle saves the class by name), made here where torch is imported
+
+    class SubTensor(torch.Tensor):
+        pass
+
     torch.save({"x": torch.randn(2).as_subclass(SubTensor)}, tmp_path / "s.bin")
     with pytest.raises(WeightsError, match="refuses to load"):
         open_file(tmp_path / "s.bin")
 
 
-class SubTensor(torch.Tensor):
-    pass
-
-
 def test_torch_bin_memory_mapped(tmp_path: Path) -> None:
+    import torch
+
     torch.save({"w": torch.randn(8, 8)}, tmp_path / "w.bin")
     store = open_file(tmp_path / "w.bin")
     w = store.get("w")
@@ -140,6 +158,8 @@ def test_torch_bin_memory_mapped(tmp_path: Path) -> None:
 
 
 def test_torch_bin_compressed_member(tmp_path: Path) -> None:
+    import torch
+
     # torch never compresses, but a re-zipped checkpoint may: then the storage is read into memory
     ref = torch.randn(5, 5, dtype=torch.bfloat16)
     torch.save({"w": ref}, tmp_path / "a.bin")
@@ -151,7 +171,9 @@ def test_torch_bin_compressed_member(tmp_path: Path) -> None:
 
 
 def test_torch_bin_sharded(tmp_path: Path) -> None:
-    tensors = sample_tensors(torch.bfloat16)
+    import torch
+
+    tensors = sample_tensors("BF16")
     names = sorted(tensors)
     shards = {"pytorch_model-00001-of-00002.bin": names[:2], "pytorch_model-00002-of-00002.bin": names[2:]}
     for shard, part in shards.items():
@@ -183,6 +205,8 @@ def zip_with_pickle(path: Path, payload: bytes, byteorder: str = "little") -> No
 
 
 def test_malicious_pickle_refused_and_never_run(tmp_path: Path) -> None:
+    import torch
+
     marker = tmp_path / "pwned"
     command = f"touch {marker}"
     zip_with_pickle(tmp_path / "sys.bin", pickle.dumps({"w": Evil(os.system, command)}, protocol=2))
@@ -212,11 +236,15 @@ class TorchLikePickler(pickle.Pickler):
     """Writes the same opcodes torch.save does, for tensors whose geometry we choose (including bad ones)."""
 
     def persistent_id(self, obj: object) -> tuple | None:
+        import torch
+
         if isinstance(obj, StorageRef):
             return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
         return None
 
     def reducer_override(self, obj: object) -> tuple:
+        import torch
+
         if isinstance(obj, TensorSpec):
             args = (obj.storage, obj.offset, obj.size, obj.stride, False, collections.OrderedDict())
             return (torch._utils._rebuild_tensor_v2, args)
@@ -259,6 +287,8 @@ def test_handmade_bin_matches_and_bad_geometry_refused(tmp_path: Path) -> None:
 
 
 def test_broken_bin_files(tmp_path: Path) -> None:
+    import torch
+
     torch.save({"w": torch.randn(64, 64)}, tmp_path / "full.bin")
     data = (tmp_path / "full.bin").read_bytes()
     (tmp_path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
@@ -287,7 +317,10 @@ def test_broken_bin_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tag", FLOAT_DTYPES)
 def test_safetensors_round_trip(tmp_path: Path, tag: str) -> None:
-    tensors = sample_tensors(FLOAT_DTYPES[tag])
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = sample_tensors(tag)
     tensors["vision_model.embeddings.position_ids"] = torch.arange(5).unsqueeze(0)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     store = open_checkpoint(tmp_path)
@@ -305,6 +338,9 @@ def test_safetensors_round_trip(tmp_path: Path, tag: str) -> None:
 
 
 def test_safetensors_memory_mapped(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     tensors = {"a": torch.randn(3, 4), "b": torch.randn(7), "h": torch.randn(3, dtype=torch.float16)}
     save_file(tensors, str(tmp_path / "x.safetensors"))
     store = open_file(tmp_path / "x.safetensors")
@@ -314,7 +350,10 @@ def test_safetensors_memory_mapped(tmp_path: Path) -> None:
 
 
 def test_safetensors_sharded_and_magic_dispatch(tmp_path: Path) -> None:
-    tensors = sample_tensors(torch.float16)
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = sample_tensors("F16")
     names = sorted(tensors)
     shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
     weight_map = {n: shards[i % 2] for i, n in enumerate(names)}
@@ -366,6 +405,9 @@ def test_safetensors_lying_headers(tmp_path: Path) -> None:
 
 
 def test_safetensors_truncated(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     save_file({"w": torch.randn(32, 32)}, str(tmp_path / "full.safetensors"))
     data = (tmp_path / "full.safetensors").read_bytes()
     for name, cut in (("body", len(data) - 100), ("header", 40), ("length", 5)):
@@ -380,6 +422,9 @@ def test_safetensors_truncated(tmp_path: Path) -> None:
 
 
 def test_missing_files_and_shards(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     with pytest.raises(WeightsError) as info:
         open_checkpoint(tmp_path)
     message = str(info.value)
@@ -407,6 +452,9 @@ def test_missing_files_and_shards(tmp_path: Path) -> None:
 
 
 def test_strict_check_lists_everything(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     present = {f"layer.{i}.weight": torch.zeros(2, 3) for i in range(3)}
     present.update({
         "extra.weight": torch.zeros(1),
@@ -444,6 +492,9 @@ def test_is_ignorable_buffer() -> None:
 
 
 def test_get_unknown_name(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     save_file({"a": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(WeightsError, match="no tensor 'b' in .*model.safetensors"):
         open_checkpoint(tmp_path).get("b")

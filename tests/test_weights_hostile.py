@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from tests.test_weights import StorageRef, TensorSpec, TorchLikePickler, write_safetensors, zip_with_pickle
 from tests.test_weights_gguf import _str, error_of, pack_gguf
@@ -82,6 +80,9 @@ def test_safetensors_hostile_json(tmp_path: Path, header: bytes, message: str) -
 
 def test_relabelled_dtype_is_not_a_weight(tmp_path: Path) -> None:
     """bf16 bits relabelled I16 parse as a valid file, but a model never reads integers as weights."""
+    import torch
+    from safetensors.torch import save_file
+
     path = tmp_path / "t.safetensors"
     save_file({"w": torch.randn(4, 4, dtype=torch.bfloat16)}, str(path))
     data = bytearray(path.read_bytes())
@@ -104,6 +105,8 @@ def _rezip(src: Path, dst: Path, edit) -> None:
 
 
 def test_zip_member_name_not_utf8(tmp_path: Path) -> None:
+    import torch
+
     torch.save({"w": torch.zeros(3)}, tmp_path / "a.bin")
 
     def edit(data: bytearray) -> None:  # set the UTF-8 flag on every entry and break one name's bytes
@@ -120,6 +123,8 @@ def test_zip_member_name_not_utf8(tmp_path: Path) -> None:
 
 
 def test_zip_encrypted_flag(tmp_path: Path) -> None:
+    import torch
+
     torch.save({"w": torch.zeros(3)}, tmp_path / "a.bin")
 
     def edit(data: bytearray) -> None:
