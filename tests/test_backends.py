@@ -172,10 +172,10 @@ def test_two_models_on_different_backends_in_one_process(quant_kind: str | None)
 
 _FRESH_PROCESS = """
 import sys, numpy as np, tinyvlm
-from tinyvlm.kernels import ops_numba, quant_numba
+from tinyvlm.kernels import ops_numba, quant_int8, quant_numba
 
 def signatures():
-    return {f"{m.__name__}.{name}": len(f.signatures) for m in (ops_numba, quant_numba)
+    return {f"{m.__name__}.{name}": len(f.signatures) for m in (ops_numba, quant_int8, quant_numba)
             for name, f in vars(m).items() if hasattr(f, "signatures") and hasattr(f, "py_func")}
 
 vlm = tinyvlm.load(sys.argv[1], quant=sys.argv[2] if sys.argv[2] != "none" else None)

@@ -41,7 +41,10 @@ def greedy(vlm, n: int = 16) -> list[int]:
 
 @pytest.fixture(scope="module")
 def quantized(checkpoints, backend_name):
-    return {(name, q): tinyvlm.load(ref.path, quant=q) for name, ref in checkpoints.items() for q in ("int4", "int8")}
+    """Quantized at load, decoding on float32 activations: the function of the dequantized weights, which these
+    tests compare against (int8 activations add their own rounding: tests/test_int8_activations.py)."""
+    return {(name, q): tinyvlm.load(ref.path, quant=q, decode_activations="float32")
+            for name, ref in checkpoints.items() for q in ("int4", "int8")}
 
 
 @pytest.mark.parametrize("name", ["v1", "v2", "v2-safetensors", "text"])
@@ -133,7 +136,7 @@ def saved(checkpoints, tmp_path_factory):
 
 
 def test_file_round_trip_by_memory_map(saved, quantized):
-    vlm = tinyvlm.load(saved)
+    vlm = tinyvlm.load(saved, decode_activations="float32")  # as `quantized`
     assert vlm.quant == "int4"
     # Read through the memory map; the numba backend then packs it into one huge-page buffer (quant.pack_together)
     lm = vlm.language

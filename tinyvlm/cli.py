@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--backend", choices=["numpy", "numba"],
                       help="default: $TINYVLM_BACKEND, else numba when it is installed")
     chat.add_argument("--threads", type=int, help="threads for the Numba kernels (default: all cores)")
+    chat.add_argument("--decode-activations", choices=["int8", "float32"],
+                      help="one token's activations before a quantized matrix (default: int8, as llama.cpp)")
     chat.add_argument("--verbose", action="store_true", help="print timings and peak memory")
 
     quantize = sub.add_parser("quantize", help="write a quantized copy of a model that loads by memory map")
@@ -121,7 +123,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     GenerationConfig(**gen)  # bad flags fail before the slow load
     image = load_image(args.image) if args.image else None
     vlm = load(args.model or _default_model(), quant=args.quant, backend=args.backend, threads=args.threads,
-               vision_tower=args.vision_tower, progress=True, mmproj=args.mmproj)
+               vision_tower=args.vision_tower, progress=True, mmproj=args.mmproj,
+               decode_activations=args.decode_activations)
     if vlm.quant_report is not None:
         print(f"quantized {vlm.quant_report}", file=sys.stderr)
     if image is not None and vlm.vision is None:

@@ -126,11 +126,12 @@ class LanguageModel:
         return bk.to_host(logits if all_logits else logits[0])
 
     def warm_up(self) -> None:
-        """Run every op of the decoder once, on a 2-token prompt and one more token through layer 0 and the head,
-        so that a backend that compiles its kernels does so now (or loads them from its cache) with the types a
-        real run uses."""
-        cache = self.new_cache(min(3, self.cfg.max_position_embeddings))
-        for T in (2, 1):
+        """Run every op of the decoder once, on a prompt of the backend's longest short input plus one (its long-prompt
+        path) and one more token through layer 0 and the head, so that a backend that compiles its kernels does so
+        now (or loads them from its cache) with the types a real run uses."""
+        long_prompt = self.bk.short_input_tokens + 1
+        cache = self.new_cache(min(long_prompt + 1, self.cfg.max_position_embeddings))
+        for T in (long_prompt, 1):
             if cache.free < T:
                 break
             x = self._blocks(self.embed([0] * T), cache, self.layers[:1])  # (T, D)

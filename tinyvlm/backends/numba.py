@@ -2,7 +2,9 @@
 kernels/ops_numba.py); every other op is the NumPy backend's own.
 
 What runs in Numba, and why only that (each measured on the 2-core reference VM; the kernels' docstrings say more):
-* quantized linear layers: a fused-dequantization matvec for one token, dequantized tiles into BLAS for more;
+* quantized linear layers: for one token (and up to backends.numpy.INT8_MAX_TOKENS), the activations quantized to int8 and
+  integer dot products (kernels/quant_int8.py), or with float32 activations a fused-dequantization matvec
+  (quant_numba.py); for more tokens, dequantized tiles into BLAS;
 * the LLM's RMSNorm, RoPE and SwiGLU step, and decode attention over the cache, but decode attention only when
   the layers are quantized: with dense layers every matvec is OpenBLAS's, and Numba's threads, spinning after a
   parallel kernel between them, cost more than the kernel saves (MobileLLaMA-1.4B fp32 decode: 5.3 tok/s with
@@ -31,16 +33,17 @@ class NumbaBackend(NumpyBackend):
     name = "numba"
     compiles = True
 
-    def __init__(self, threads: int | None = None) -> None:
-        super().__init__(threads)
+    def __init__(self, threads: int | None = None, decode_activations: str = "int8") -> None:
+        super().__init__(threads, decode_activations)
         if not _numba.available():
             raise TinyVLMError(f"the numba backend is unavailable: {_numba.why_unavailable()}; use the numpy backend")
         if threads is not None:
             _numba.check_threads(threads)
-        from tinyvlm.kernels import ops_numba, quant_numba  # compiled, or loaded from numba's cache, on first use
+        from tinyvlm.kernels import ops_numba, quant_int8, quant_numba  # compiled or loaded from cache on first use
 
         self._ops: ModuleType = ops_numba
         self._quant: ModuleType = quant_numba
+        self._quant_int8: ModuleType | None = quant_int8 if decode_activations == "int8" else None
         self._numba_decode_attention = False  # set by `linears` when the layers are quantized
         self._scores: np.ndarray | None = None  # the vision attention's (T, T) scores, one head at a time
 
@@ -71,6 +74,8 @@ class NumbaBackend(NumpyBackend):
     # ---------------------------------------------------------------- linear layers
 
     def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix) -> np.ndarray:
+        if self._quant_int8 is not None and (x.ndim == 1 or x.shape[0] <= self.short_input_tokens):  # integers
+            return self._quant_int8.matmul(np.atleast_2d(x), w).reshape(*x.shape[:-1], -1)
         return self._quant.linear(x, w)
 
     def swiglu(self, x: np.ndarray, gate_up: Sequence[Weight]) -> np.ndarray:

@@ -19,6 +19,12 @@ from tinyvlm.kernels.quant import QuantizedMatrix
 
 Array = Any  # an array of a backend's array module (numpy.ndarray here)
 Weight = Any  # a linear layer's (out, in) matrix: a backend's dense array or a QuantizedMatrix
+# Decode activations times a quantized matrix: quantized to int8 per block of 32 first, for integer dot products as
+# llama.cpp does (the default), or float32 (the previous kernels, kept as the reference and an option). "Decode" is
+# any input of at most INT8_MAX_TOKENS tokens; longer prompts multiply in float32 either way (dequantized tiles into
+# BLAS, faster there than the integer kernels: kernels/quant_int8.py).
+DECODE_ACTIVATIONS = ("int8", "float32")
+INT8_MAX_TOKENS = 16
 
 
 class NumpyBackend:
@@ -28,13 +34,19 @@ class NumpyBackend:
     xp = np  # the array module
     compiles = False  # whether kernels are compiled (or loaded from a cache) before their first use
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, decode_activations: str = "int8") -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise TinyVLMError(f"threads must be an integer of at least 1, got {threads!r}")
+        if decode_activations not in DECODE_ACTIVATIONS:
+            raise TinyVLMError(f"unknown decode activations {decode_activations!r}; expected one of "
+                               f"{', '.join(DECODE_ACTIVATIONS)}")
         self.threads = threads  # no effect here: NumPy's BLAS reads OPENBLAS_NUM_THREADS when it starts
+        self.decode_activations = decode_activations  # what a quantized matrix multiplies a short input in
+        # inputs of at most this many tokens take the decode path through quantized matrices
+        self.short_input_tokens = INT8_MAX_TOKENS if decode_activations == "int8" else 1
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(threads={self.threads})"
+        return f"{type(self).__name__}(threads={self.threads}, decode_activations={self.decode_activations!r})"
 
     def activate(self) -> None:
         """Make this backend's settings current for the calling thread; called at the start of each forward."""
@@ -88,7 +100,10 @@ class NumpyBackend:
         return y
 
     def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix) -> np.ndarray:
-        """x @ dequantize(w).T for x (T, in) or (in,)."""
+        """x @ dequantize(w).T for x (T, in) or (in,); each token's x quantized to int8 first with int8 activations
+        and T <= INT8_MAX_TOKENS."""
+        if self.decode_activations == "int8" and (x.ndim == 1 or x.shape[0] <= self.short_input_tokens):
+            return np.stack([quant.matvec_int8_ref(w, row) for row in np.atleast_2d(x)]).reshape(*x.shape[:-1], -1)
         return quant.matvec_ref(w, x) if x.ndim == 1 else quant.matmul_ref(x, w)
 
     def linear_split(self, x: np.ndarray, group: Sequence[Weight], sizes: Sequence[int]) -> list[np.ndarray]:

@@ -190,6 +190,36 @@ def matmul_ref(x: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
     return np.asarray(x, dtype=np.float32) @ dequantize(qm).T  # (T, in) -> (T, out)
 
 
+def quantize_activations_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (in,) float32 -> (xq int8 (in,), xd float32 (G,)) per block of 32, ggml's q8_0 rule: d = max|x| / 127,
+    q = round(x / d) with halves away from zero (llama.cpp quantizes activations so for its integer dot products)."""
+    blocks = np.asarray(x, dtype=np.float32).reshape(-1, GROUP)  # (G, 32)
+    d = np.abs(blocks).max(axis=-1) / np.float32(127)  # (G,)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    return _round_half_away(blocks * inv[:, None]).astype(np.int8).reshape(-1), d
+
+
+def matvec_int8_ref(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
+    """y = W' q8(x): x (in,) quantized by quantize_activations_ref, then each block's integer dot product
+    (exact, int64) scaled by d_w d_x, the blocks summed in float64; the offset of q4_0 (q - 8) and q4_1 (m)
+    applied through each block's sum of q_x, as the kernels do (q8_1's block sums). (in,) -> (out,), float32."""
+    out, n_in = qm.shape
+    xq, xd = quantize_activations_ref(x)
+    xq = xq.reshape(-1, GROUP).astype(np.int64)  # (G, 32)
+    q = (qm.qs.reshape(out, -1, GROUP) if qm.kind == "q8_0" else _unpack_nibbles(qm.qs)).astype(np.int64)
+    dots = np.einsum("ogj,gj->og", q, xq).astype(np.float64)  # (out, G), exact
+    scale = qm.d.astype(np.float64) * xd.astype(np.float64)  # (out, G)
+    sums = xq.sum(axis=-1).astype(np.float64) * xd  # (G,): d_x sum(q_x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = (scale * dots).sum(axis=-1)
+        if qm.kind == "q4_0":
+            y -= 8 * qm.d.astype(np.float64) @ sums
+        elif qm.kind == "q4_1":
+            y += qm.m.astype(np.float64) @ sums
+    return y.astype(np.float32)
+
+
 def concat_rows(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
     """Stack quantized matrices of one kind and width along their rows: [(o1, in), (o2, in)] -> (o1+o2, in)."""
     kind, n_in = parts[0].kind, parts[0].shape[1]

@@ -1,0 +1,233 @@
+"""Integer dot products of one quantized weight row with int8 activations, written as target-independent LLVM IR.
+
+Numba widens int8 products to int64, so its own loops cannot reach the CPUs' integer dot-product instructions.
+This module builds the row loop in LLVM IR instead (llvmlite's IR builder; only generic instructions and the
+generic intrinsics llvm.vector.partial.reduce.add and llvm.fmuladd, no x86- or ARM-specific names), and
+quant_int8.py calls it from a Numba intrinsic. What one row computes, for blocks g of 32 weights:
+
+    dot = sum_g (d[g] * xd[g]) * sum_j n[32g + j] * xq[32g + j]      (int32 per block, float across blocks)
+
+where xq (int8) and xd (float32) are the activations quantized per block, and n is the weight's integer:
+q8_0 its int8 value; q4 its nibble, minus BIAS[target]. The offset that bias leaves (and q4_1's min) is the
+caller's: sum_g (m[g] + (BIAS - 8 if q4_0) d[g]) * xd[g] * sum(xq of block g), a short loop over the blocks.
+
+Which IR form decides the instruction, so the form is chosen per target family when the kernel compiles
+(measured with LLVM 22 from llvmlite 0.50; tests/test_kernels_int8.py checks the instructions):
+  arm  (aarch64, and the generic form elsewhere): per block, two llvm.vector.partial.reduce.add of
+       sext(i8) x sext(i8) products into a <4 x i32> accumulator, which becomes two SDOT on cores with the dot
+       product extension (Armv8.2+; NUMBA_CPU_NAME=neoverse-n1 under qemu). The nibbles must be signed for it
+       (LLVM proves 0..15 non-negative and turns the sign extension into a zero extension, which has no SDOT
+       form): BIAS 8, which is q4_0's own offset. The reduction's lane order is unspecified, so one accumulator
+       never holds two blocks. 10 instructions per block of 32 weights in the loop.
+  x86  (x86-64): zext(u8) x sext(i8) products summed in adjacent pairs (an exact lane order), which becomes
+       vpmaddwd, and with AVX-512 VNNI or AVX-VNNI vpdpwssd for the second half; q4 two blocks per step in
+       512-bit vectors (8 int32 lanes a block), q8_0 one (16 lanes), converted to float and scaled lane-wise.
+       BIAS 0.
+       A full llvm.vector.reduce.add of the u8 x s8 products becomes vpdpbusd, but with a horizontal sum
+       after every block (12 instructions of the 14 per block), and partial.reduce.add becomes vpmaddwd with
+       unspecified lanes; the pairs form is about 7 instructions per block.
+"""
+from __future__ import annotations
+
+import platform
+
+from llvmlite import ir
+
+I8, I32, I64, F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+BLOCK = 32  # weights per block
+
+
+def target_family() -> str:
+    """ "x86" on x86-64, else "arm" (the form that becomes SDOT on aarch64 and stays correct anywhere)."""
+    return "x86" if platform.machine().lower() in ("x86_64", "amd64", "x64") else "arm"
+
+
+BIAS = {"x86": 0, "arm": 8}  # subtracted from each q4 nibble before the integer product
+
+
+def _vec(t: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(t, n)
+
+
+def _splat(t: ir.Type, n: int, value: int | float) -> ir.Constant:
+    return ir.Constant(_vec(t, n), [ir.Constant(t, value)] * n)
+
+
+def _shuffle(b: ir.IRBuilder, v: ir.Value, indices: list[int]) -> ir.Value:
+    return b.shuffle_vector(v, ir.Constant(v.type, None), ir.Constant(_vec(I32, len(indices)), indices))
+
+
+def _load_i8(b: ir.IRBuilder, base: ir.Value, offset: ir.Value, n: int) -> ir.Value:
+    """<n x i8> at base + offset bytes (no alignment assumed)."""
+    pointer = b.bitcast(b.gep(base, [offset]), _vec(I8, n).as_pointer())
+    return b.load(pointer, align=1)
+
+
+def _suffix(t: ir.Type) -> str:
+    """LLVM's mangling of an overloaded intrinsic's type: v16f32, v4i32, ..."""
+    element = "f32" if t.element == F32 else f"i{t.element.width}"
+    return f"v{t.count}{element}"
+
+
+def _intrinsic(module: ir.Module, name: str, result: ir.Type, args: list[ir.Type]) -> ir.Function:
+    """A declaration of a generic LLVM intrinsic on vector types (llvmlite's declare_intrinsic knows scalars)."""
+    overloads = [result] + [a for a in args if a != result][:1] if name.endswith("add") else [result]
+    full = ".".join([name] + [_suffix(t) for t in overloads])
+    existing = module.globals.get(full)
+    return existing if existing is not None else ir.Function(module, ir.FunctionType(result, args), full)
+
+
+def _pairs(b: ir.IRBuilder, products: ir.Value) -> ir.Value:
+    """<2n x i32> -> <n x i32>: lane k = products[2k] + products[2k + 1] (x86: vpmaddwd / vpdpwssd)."""
+    n = products.type.count // 2
+    return b.add(_shuffle(b, products, [2 * k for k in range(n)]), _shuffle(b, products, [2 * k + 1 for k in range(n)]))
+
+
+def _partial_reduce(b: ir.IRBuilder, acc: ir.Value, products: ir.Value) -> ir.Value:
+    """acc <4 x i32> + the 16 products, lanes unspecified (ARM with dotprod: SDOT)."""
+    fn = _intrinsic(b.module, "llvm.vector.partial.reduce.add", acc.type, [acc.type, products.type])
+    return b.call(fn, [acc, products])
+
+
+def steps(family: str, kind: str) -> int:
+    """Blocks per step of the row loop: two (x86 q4: 512-bit vectors; arm: the loop's own cost halved), x86
+    q8_0 one (a block fills 512 bits). A last odd block runs alone."""
+    return 1 if family == "x86" and kind == "q8_0" else 2
+
+
+def _weights(b: ir.IRBuilder, family: str, kind: str, q: ir.Value, g: ir.Value, nb: int) -> list[ir.Value]:
+    """The integers of blocks g .. g + nb of a row (q: its bytes): q8_0 [<32nb x i8>]; q4 [low nibbles, high
+    nibbles], each <16nb x i8>, less BIAS."""
+    if kind == "q8_0":
+        return [_load_i8(b, q, b.mul(g, ir.Constant(I64, BLOCK)), BLOCK * nb)]
+    qv = _load_i8(b, q, b.mul(g, ir.Constant(I64, BLOCK // 2)), 16 * nb)  # <16nb x i8>: 16 bytes a block
+    lo, hi = b.and_(qv, _splat(I8, 16 * nb, 15)), b.lshr(qv, _splat(I8, 16 * nb, 4))
+    if BIAS[family]:
+        lo, hi = b.sub(lo, _splat(I8, 16 * nb, BIAS[family])), b.sub(hi, _splat(I8, 16 * nb, BIAS[family]))
+    return [lo, hi]
+
+
+def _activations(b: ir.IRBuilder, kind: str, x: ir.Value, g: ir.Value, nb: int) -> list[ir.Value]:
+    """The int8 activations that _weights' parts multiply (x in activation_order), part by part."""
+    xv = _load_i8(b, x, b.mul(g, ir.Constant(I64, BLOCK)), BLOCK * nb)  # <32nb x i8>
+    if kind == "q8_0":
+        return [xv]
+    return [_shuffle(b, xv, list(range(16 * nb))), _shuffle(b, xv, list(range(16 * nb, 32 * nb)))]
+
+
+def _block_lanes(b: ir.IRBuilder, family: str, kind: str, weights: list[ir.Value], xs: list[ir.Value],
+                 nb: int) -> ir.Value:
+    """Integer lanes of nb blocks' dot products, block i in lanes L i .. L i + L - 1 (L = lanes_per_block)."""
+    signed_weights = kind == "q8_0" or BIAS[family] != 0
+    if family == "x86":
+        lanes = None
+        for w, xp in zip(weights, xs):
+            n = w.type.count
+            wide = b.sext(w, _vec(I32, n)) if signed_weights else b.zext(w, _vec(I32, n))
+            s = _pairs(b, b.mul(wide, b.sext(xp, _vec(I32, n))))
+            lanes = s if lanes is None else b.add(lanes, s)
+        return lanes
+    per_block = []  # arm: each block's own <4 x i32> (the partial reduction's lanes are unspecified)
+    for i in range(nb):
+        acc = ir.Constant(_vec(I32, 4), [ir.Constant(I32, 0)] * 4)
+        for w, xp in zip(weights, xs):
+            width = w.type.count // nb  # this part's bytes of one block: q4 16, q8_0 32
+            for start in range(width * i, width * (i + 1), 16):
+                idx = list(range(start, start + 16))
+                products = b.mul(b.sext(_shuffle(b, w, idx), _vec(I32, 16)), b.sext(_shuffle(b, xp, idx), _vec(I32, 16)))
+                acc = _partial_reduce(b, acc, products)
+        per_block.append(acc)
+    if nb == 1:
+        return per_block[0]
+    return b.shuffle_vector(per_block[0], per_block[1], ir.Constant(_vec(I32, 8), list(range(8))))
+
+
+def activation_order(family: str, kind: str, n_in: int) -> list[int]:
+    """The order the kernel reads the int8 activations in: element indices, (in,). The q4 kernels take two
+    blocks a step, the elements of their low nibbles first: per pair of blocks A, B: A[0:16] B[0:16] A[16:32]
+    B[16:32]; a last odd block, and q8_0, in natural order."""
+    nb, blocks = (1 if kind == "q8_0" else steps(family, kind)), n_in // BLOCK
+    order = []
+    for g in range(0, blocks - blocks % nb, nb):
+        order += [BLOCK * (g + i) + j for half in (0, 16) for i in range(nb) for j in range(half, half + 16)]
+    return order + list(range(len(order), n_in))
+
+
+def lanes_per_block(family: str, kind: str) -> int:
+    """x86: the pair sums of a block (q8_0: 16; q4: 8, its low- and high-nibble halves added); arm: 4."""
+    return (16 if kind == "q8_0" else 8) if family == "x86" else 4
+
+
+def _hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """The sum of a float vector's lanes, halves added pairwise (a fixed order)."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        v = b.fadd(_shuffle(b, v, list(range(n))), _shuffle(b, v, list(range(n, 2 * n))))
+    return b.extract_element(v, ir.Constant(I32, 0))
+
+
+def _scaled_loop(b: ir.IRBuilder, fn: ir.Function, family: str, kind: str, tokens: int, start: ir.Value,
+                 count: ir.Value, nb: int, name: str) -> list[ir.Value]:
+    """`count` steps of nb blocks from block `start`, for each token t: acc[t] += float(lanes) * xl_t(lanes)
+    * d[g] per block. The weights are loaded and split once per step for all tokens. Returns each token's
+    accumulated lane sum."""
+    q, d, x, x_stride, xl, xl_stride = fn.args[:6]
+    per = lanes_per_block(family, kind)
+    lanes = per * nb
+    vf = _vec(F32, lanes)
+    head, body, done = (fn.append_basic_block(f"{name}.{s}") for s in ("head", "body", "done"))
+    entry = b.block
+    b.branch(head)
+    b.position_at_end(head)
+    i = b.phi(I64)
+    accs = [b.phi(vf) for _ in range(tokens)]
+    i.add_incoming(ir.Constant(I64, 0), entry)
+    for acc in accs:
+        acc.add_incoming(_splat(F32, lanes, 0.0), entry)
+    b.cbranch(b.icmp_signed("<", i, count), body, done)
+    b.position_at_end(body)
+    g = b.add(start, b.mul(i, ir.Constant(I64, nb)))
+    weights = _weights(b, family, kind, q, g, nb)
+    w_scale = b.load(b.bitcast(b.gep(d, [g]), _vec(F32, nb).as_pointer()), align=4)  # d[g .. g + nb]
+    w_scale = _shuffle(b, w_scale, [k // per for k in range(lanes)])  # each block's d over its lanes
+    fmuladd = _intrinsic(b.module, "llvm.fmuladd", vf, [vf, vf, vf])
+    for t, acc in enumerate(accs):
+        x_t = b.gep(x, [b.mul(x_stride, ir.Constant(I64, t))])
+        xl_t = b.gep(xl, [b.add(b.mul(xl_stride, ir.Constant(I64, t)), b.mul(g, ir.Constant(I64, per)))])
+        ints = b.sitofp(_block_lanes(b, family, kind, weights, _activations(b, kind, x_t, g, nb), nb), vf)
+        x_scale = b.load(b.bitcast(xl_t, vf.as_pointer()), align=4)
+        acc.add_incoming(b.call(fmuladd, [b.fmul(ints, x_scale), w_scale, acc]), body)
+    i.add_incoming(b.add(i, ir.Constant(I64, 1)), body)
+    b.branch(head)
+    b.position_at_end(done)
+    return [_hsum(b, acc) for acc in accs]
+
+
+def row_dot(module: ir.Module, kind: str, family: str, tokens: int = 1) -> ir.Function:
+    """void dot(i8* q_row, float* d_row, i8* xq, i64 xq_stride, float* xl, i64 xl_stride, float* y, i64 y_stride,
+    i64 blocks), defined once per module (internal, always inlined): y[t * y_stride] = row . activations of token
+    t, for t < tokens, token t's int8 activations at xq + t xq_stride (in activation_order) and their block
+    scales, repeated lanes_per_block times, at xl + t xl_stride. See the module doc."""
+    name = f"tinyvlm.row_dot.{kind}.{family}.{tokens}"
+    existing = module.globals.get(name)
+    if existing is not None:
+        return existing
+    i8p, f32p = I8.as_pointer(), F32.as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, f32p, i8p, I64, f32p, I64, f32p, I64, I64])
+    fn = ir.Function(module, fnty, name)
+    fn.linkage = "internal"
+    fn.attributes.add("alwaysinline")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    y, y_stride, blocks = fn.args[6:]
+    nb = steps(family, kind)
+    full = b.sdiv(blocks, ir.Constant(I64, nb))
+    totals = _scaled_loop(b, fn, family, kind, tokens, ir.Constant(I64, 0), full, nb, "main")
+    if nb > 1:  # the last block of an odd count
+        start = b.mul(full, ir.Constant(I64, nb))
+        tails = _scaled_loop(b, fn, family, kind, tokens, start, b.sub(blocks, start), 1, "tail")
+        totals = [b.fadd(a, t) for a, t in zip(totals, tails)]
+    for t, total in enumerate(totals):
+        b.store(total, b.gep(y, [b.mul(y_stride, ir.Constant(I64, t))]))
+    b.ret_void()
+    return fn
