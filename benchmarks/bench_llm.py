@@ -39,7 +39,7 @@ class Engine(Protocol):
 # ---------------------------------------------------------------- tinyvlm
 
 class TinyVLM:
-    def __init__(self, quant: str, threads: int) -> None:
+    def __init__(self, quant: str, threads: int, decode_activations: str = "int8") -> None:
         from tinyvlm.backends import make
         from tinyvlm.language import LanguageModel, language_expected_shapes
 
@@ -48,7 +48,7 @@ class TinyVLM:
         if quantizer is not None:
             weights, _report = quantizer(TEXT, weights, quant)  # rebinding drops the fp32 dict
         self.weight_bytes = decode_weight_bytes(weights)
-        self.lm = LanguageModel(TEXT, weights, make(threads=threads))  # numba when installed, as tinyvlm.load
+        self.lm = LanguageModel(TEXT, weights, make(threads=threads, decode_activations=decode_activations))
         self.cache = self.lm.new_cache()
 
     def prefill(self, ids: list[int]) -> int:
@@ -81,9 +81,11 @@ class LlamaCpp:
         path = ensure_gguf(cache_dir)
         self.weight_bytes = gguf_decode_bytes(path)
         self.llama_cpp = llama_cpp
+        self.settings = dict(n_threads=threads, n_threads_batch=threads, n_ctx=TEXT.max_position_embeddings,
+                             n_batch=512)
         with _model_params(llama_cpp, extra_buffers):
-            self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
-                                       n_ctx=TEXT.max_position_embeddings, n_batch=512, verbose=False)
+            self.llm = llama_cpp.Llama(model_path=str(path), verbose=False, **self.settings)
+        self.settings["use_extra_bufts"] = extra_buffers
 
     def _next(self) -> int:
         """Greedy token from the logits of the last evaluated position (llama-cpp-python keeps no copy of them)."""
@@ -100,14 +102,20 @@ class LlamaCpp:
         return self._next()
 
 
+def llamacpp_build(llama_cpp: Any) -> dict[str, Any]:
+    """What llama.cpp ran with, for every row: the package version and the CPU features its build enabled."""
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return {"llamacpp_version": llama_cpp.__version__, "llamacpp_system_info": info}
+
+
 @contextmanager
 def _model_params(llama_cpp: Any, extra_buffers: bool) -> Iterator[None]:
-    """Let `Llama` load with llama.cpp's extra buffer types (AMX, CPU repack) switched off unless asked for.
+    """Let `Llama` load with llama.cpp's extra buffer types (AMX, CPU repack) on or off.
 
-    On this Sapphire Rapids KVM guest the AMX path that llama.cpp picks by default segfaults in its first matmul
-    (ggml-org/llama.cpp#20824); `Llama()` has no argument for `use_extra_bufts`, so its default-params call is
-    wrapped while the model loads. This also turns off the AVX-512 Q4_0 repack: llama.cpp then runs its plain
-    Q4_0 x Q8_0 dot products (AVX-512 VNNI here).
+    On by default: llama.cpp at its best, with its AVX-512 repack of Q4_0 weights. The build must then be one
+    without AMX (see README.md: a native build's AMX path dies with "Illegal instruction" on the KVM guests here,
+    ggml-org/llama.cpp#20824). `Llama()` has no argument for `use_extra_bufts`, so its default-params call is
+    wrapped while the model loads; off, llama.cpp runs its plain Q4_0 x Q8_0 dot products.
     """
     module = llama_cpp.llama.llama_cpp  # the module whose llama_model_default_params Llama.__init__ calls
     default = module.llama_model_default_params
@@ -315,10 +323,10 @@ def time_engine(engine: Engine, ids: list[int], decode_tokens: int, repeat: int)
 def build(args: argparse.Namespace) -> tuple[Engine, str]:
     """The engine and its weight format label."""
     if args.engine == "tinyvlm":
-        return TinyVLM(args.quant, args.threads), args.quant
+        return TinyVLM(args.quant, args.threads, args.decode_activations), args.quant
     if args.engine == "llama.cpp":
-        engine = LlamaCpp(args.threads, args.cache_dir, args.llamacpp_extra_buffers)
-        return engine, "q4_0 (output q8_0)" + ("" if args.llamacpp_extra_buffers else ", no extra buffer types")
+        engine = LlamaCpp(args.threads, args.cache_dir, not args.llamacpp_no_extra_buffers)
+        return engine, "q4_0 (output q8_0)" + (", no extra buffer types" if args.llamacpp_no_extra_buffers else "")
     return Torch(args.threads), "fp32"
 
 
@@ -331,8 +339,10 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds; medians are reported")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the GGUF is written once")
-    ap.add_argument("--llamacpp-extra-buffers", action="store_true",
-                    help="let llama.cpp repack weights (AMX / AVX-512); crashes on this machine, see _model_params")
+    ap.add_argument("--llamacpp-no-extra-buffers", action="store_true",
+                    help="keep llama.cpp from repacking weights (its extra buffer types; on by default)")
+    ap.add_argument("--decode-activations", choices=("int8", "float32"), default="int8",
+                    help="tinyvlm: what one token (and short inputs) multiply quantized matrices in")
     ap.add_argument("--ceiling-gbs", type=float, help="read ceiling at these threads, for fraction_of_ceiling")
     ap.add_argument("--bandwidth-gib", type=float, default=2.0, help="array size for --engine bandwidth")
     args = ap.parse_args()
@@ -349,6 +359,10 @@ def main() -> None:
         emit({**record, "quant": args.quant, "error": str(e)})
         return
     record["quant"] = quant
+    if isinstance(engine, LlamaCpp):
+        record.update(llamacpp_build(engine.llama_cpp), llamacpp_settings=engine.settings)
+    if isinstance(engine, TinyVLM):
+        record["decode_activations"] = engine.lm.bk.decode_activations
     record["load_s"] = time.perf_counter() - t0
     record["load_peak_rss_mib"] = round(peak_rss_mib())
     reset_peak_rss()

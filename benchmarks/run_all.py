@@ -34,6 +34,7 @@ ENGINES: dict[str, tuple[str, list[str]]] = {
     "vision-tinyvlm-int4": ("bench_vision.py", ["--engine", "tinyvlm", "--quant", "int4"]),
     "vision-torch": ("bench_vision.py", ["--engine", "torch"]),
     "smollm2-tinyvlm": ("bench_smollm2.py", ["--engine", "tinyvlm"]),
+    "smollm2-tinyvlm-generate": ("bench_smollm2.py", ["--engine", "tinyvlm-generate"]),
     "smollm2-llama.cpp": ("bench_smollm2.py", ["--engine", "llama.cpp"]),
     "smollm2-transformers": ("bench_smollm2.py", ["--engine", "transformers"]),
 }
