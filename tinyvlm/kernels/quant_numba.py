@@ -18,7 +18,8 @@ Sapphire Rapids VM, weights streamed from memory (benchmarks/bench_kernels.py; q
                                                     numba's cache than freshly compiled (see _numba.py)
     neither touching nor prefetching                ~2.7 on 1 thread
     a per-group inner loop with a sum per group     ~5x slower  (a horizontal add per 32 weights)
-    int8 activations + integer dot products         ~2x slower  (Numba widens the products to int64: vpmuldq)
+    int8 activations + integer dot products in Numba ~2x slower (Numba widens the products to int64: vpmuldq);
+                                                    written as LLVM IR instead they are faster: quant_int8.py
     (lo - 8), (hi - 8) in the loop instead of the sum(x) term    ~12% slower
     b x_lo + hi (x_hi - 16 x_lo), one operation fewer per 16 bytes: ~10% faster, not taken: its
         cancellation error is bounded only relative to 255 |d| |x|, not to the weights' magnitudes
