@@ -51,7 +51,7 @@ def bandwidth_ceiling(np, threads: int, repeats: int) -> float:
 def worker(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from tinyvlm.kernels import _numba, quant, quant_numba
+    from tinyvlm.kernels import _numba, quant, quant_int8, quant_numba
 
     threads = args.worker
     _numba.set_threads(threads)
@@ -86,9 +86,10 @@ def worker(args: argparse.Namespace) -> None:
         if args.only in (None, "matvec"):
             for kind in quant.KINDS:
                 mats = copies(kind, out, n_in)
-                t = median_seconds(lambda i: quant_numba.matvec(mats[i % len(mats)], x), len(mats), args.repeats)
-                emit(kernel="matvec", kind=kind, shape=[out, n_in], us=round(t * 1e6, 1),
-                     gbs=round(quant.nbytes(mats[0]) / t / 1e9, 2))
+                for activations, matvec in (("float32", quant_numba.matvec), ("int8", quant_int8.matvec)):
+                    t = median_seconds(lambda i: matvec(mats[i % len(mats)], x), len(mats), args.repeats)
+                    emit(kernel="matvec", kind=kind, activations=activations, shape=[out, n_in],
+                         us=round(t * 1e6, 1), gbs=round(quant.nbytes(mats[0]) / t / 1e9, 2))
             n = max(2, dense_pool.size // (out * n_in))  # fp32 reference point: numpy / BLAS sgemv
             dense = [dense_pool[c * out * n_in:(c + 1) * out * n_in].reshape(out, n_in) for c in range(n)]
             t = median_seconds(lambda i: dense[i % n] @ x, n, args.repeats)

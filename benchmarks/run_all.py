@@ -27,7 +27,10 @@ ENGINES: dict[str, tuple[str, list[str]]] = {
     "tinyvlm-fp32": ("bench_llm.py", ["--engine", "tinyvlm", "--quant", "fp32"]),
     "tinyvlm-int8": ("bench_llm.py", ["--engine", "tinyvlm", "--quant", "int8"]),
     "tinyvlm-int4": ("bench_llm.py", ["--engine", "tinyvlm", "--quant", "int4"]),
+    "tinyvlm-int4-f32act": ("bench_llm.py", ["--engine", "tinyvlm", "--quant", "int4", "--decode-activations",
+                                             "float32"]),
     "llama.cpp": ("bench_llm.py", ["--engine", "llama.cpp"]),
+    "llama.cpp-no-repack": ("bench_llm.py", ["--engine", "llama.cpp", "--llamacpp-no-extra-buffers"]),
     "torch": ("bench_llm.py", ["--engine", "torch"]),
     "vision-tinyvlm-fp32": ("bench_vision.py", ["--engine", "tinyvlm", "--quant", "fp32"]),
     "vision-tinyvlm-int8": ("bench_vision.py", ["--engine", "tinyvlm", "--quant", "int8"]),
@@ -35,6 +38,7 @@ ENGINES: dict[str, tuple[str, list[str]]] = {
     "vision-torch": ("bench_vision.py", ["--engine", "torch"]),
     "smollm2-tinyvlm": ("bench_smollm2.py", ["--engine", "tinyvlm"]),
     "smollm2-tinyvlm-generate": ("bench_smollm2.py", ["--engine", "tinyvlm-generate"]),
+    "smollm2-tinyvlm-f32act": ("bench_smollm2.py", ["--engine", "tinyvlm", "--decode-activations", "float32"]),
     "smollm2-llama.cpp": ("bench_smollm2.py", ["--engine", "llama.cpp"]),
     "smollm2-transformers": ("bench_smollm2.py", ["--engine", "transformers"]),
 }

@@ -5,9 +5,10 @@ This module builds the row loop in LLVM IR instead (llvmlite's IR builder; only 
 generic intrinsics llvm.vector.partial.reduce.add and llvm.fmuladd, no x86- or ARM-specific names), and
 quant_int8.py calls it from a Numba intrinsic. What one row computes, for blocks g of 32 weights:
 
-    dot = sum_g (d[g] * xd[g]) * sum_j n[32g + j] * xq[32g + j]      (int32 per block, float across blocks)
+    dot = sum_g d[g] * xd[g] * sum_j n[32g + j] * xq[32g + j]      (int32 per block, float across blocks)
 
-where xq (int8) and xd (float32) are the activations quantized per block, and n is the weight's integer:
+where xq (int8) and xd (float32) are the activations quantized per block (xd is passed repeated once per lane,
+so that it scales the int32 lanes with one multiply), and n is the weight's integer:
 q8_0 its int8 value; q4 its nibble, minus BIAS[target]. The offset that bias leaves (and q4_1's min) is the
 caller's: sum_g (m[g] + (BIAS - 8 if q4_0) d[g]) * xd[g] * sum(xq of block g), a short loop over the blocks.
 
@@ -18,14 +19,19 @@ Which IR form decides the instruction, so the form is chosen per target family w
        product extension (Armv8.2+; NUMBA_CPU_NAME=neoverse-n1 under qemu). The nibbles must be signed for it
        (LLVM proves 0..15 non-negative and turns the sign extension into a zero extension, which has no SDOT
        form): BIAS 8, which is q4_0's own offset. The reduction's lane order is unspecified, so one accumulator
-       never holds two blocks. 10 instructions per block of 32 weights in the loop.
+       never holds two blocks. Two blocks a step; the q4 loop is 32 instructions per two blocks for neoverse-n1
+       (4 sdot; llama.cpp's NEON ggml_vec_dot_q4_0_q8_0 has about 34 intrinsics per two blocks in its source).
   x86  (x86-64): zext(u8) x sext(i8) products summed in adjacent pairs (an exact lane order), which becomes
        vpmaddwd, and with AVX-512 VNNI or AVX-VNNI vpdpwssd for the second half; q4 two blocks per step in
        512-bit vectors (8 int32 lanes a block), q8_0 one (16 lanes), converted to float and scaled lane-wise.
        BIAS 0.
        A full llvm.vector.reduce.add of the u8 x s8 products becomes vpdpbusd, but with a horizontal sum
        after every block (12 instructions of the 14 per block), and partial.reduce.add becomes vpmaddwd with
-       unspecified lanes; the pairs form is about 7 instructions per block.
+       unspecified lanes; the pairs form is 29 instructions per four blocks in the q4 decode loop (LLVM unrolls
+       it twice), against about 10 per block for the float kernel of quant_numba.py.
+Several tokens (prefill of a short input) share each step's weight loads and nibble splitting: `tokens`
+accumulators, one per token. Numba caches the compiled kernels of quant_int8.py keyed by that file only: after
+editing this one, delete tinyvlm/kernels/__pycache__/quant_int8* (a package upgrade replaces both files).
 """
 from __future__ import annotations
 
@@ -69,9 +75,10 @@ def _suffix(t: ir.Type) -> str:
     return f"v{t.count}{element}"
 
 
-def _intrinsic(module: ir.Module, name: str, result: ir.Type, args: list[ir.Type]) -> ir.Function:
-    """A declaration of a generic LLVM intrinsic on vector types (llvmlite's declare_intrinsic knows scalars)."""
-    overloads = [result] + [a for a in args if a != result][:1] if name.endswith("add") else [result]
+def _intrinsic(module: ir.Module, name: str, result: ir.Type, args: list[ir.Type], overloads: list[ir.Type]
+               ) -> ir.Function:
+    """A declaration of a generic LLVM intrinsic overloaded on vector types, its name mangled with `overloads`
+    (llvmlite's declare_intrinsic knows scalar types only)."""
     full = ".".join([name] + [_suffix(t) for t in overloads])
     existing = module.globals.get(full)
     return existing if existing is not None else ir.Function(module, ir.FunctionType(result, args), full)
@@ -85,7 +92,8 @@ def _pairs(b: ir.IRBuilder, products: ir.Value) -> ir.Value:
 
 def _partial_reduce(b: ir.IRBuilder, acc: ir.Value, products: ir.Value) -> ir.Value:
     """acc <4 x i32> + the 16 products, lanes unspecified (ARM with dotprod: SDOT)."""
-    fn = _intrinsic(b.module, "llvm.vector.partial.reduce.add", acc.type, [acc.type, products.type])
+    types = [acc.type, products.type]
+    fn = _intrinsic(b.module, "llvm.vector.partial.reduce.add", acc.type, types, overloads=types)
     return b.call(fn, [acc, products])
 
 
@@ -191,7 +199,7 @@ def _scaled_loop(b: ir.IRBuilder, fn: ir.Function, family: str, kind: str, token
     weights = _weights(b, family, kind, q, g, nb)
     w_scale = b.load(b.bitcast(b.gep(d, [g]), _vec(F32, nb).as_pointer()), align=4)  # d[g .. g + nb]
     w_scale = _shuffle(b, w_scale, [k // per for k in range(lanes)])  # each block's d over its lanes
-    fmuladd = _intrinsic(b.module, "llvm.fmuladd", vf, [vf, vf, vf])
+    fmuladd = _intrinsic(b.module, "llvm.fmuladd", vf, [vf, vf, vf], overloads=[vf])
     for t, acc in enumerate(accs):
         x_t = b.gep(x, [b.mul(x_stride, ir.Constant(I64, t))])
         xl_t = b.gep(xl, [b.add(b.mul(xl_stride, ir.Constant(I64, t)), b.mul(g, ir.Constant(I64, per)))])
