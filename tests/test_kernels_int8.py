@@ -114,6 +114,11 @@ def test_threads_give_identical_bits(kind: str) -> None:
     assert all(np.array_equal(r, results[0]) for r in results)
 
 
+def _options(kernel) -> dict:
+    """The kernel's own compile options (parallel, fastmath, ...), without numba's on-disk cache."""
+    return {k: v for k, v in kernel.targetoptions.items() if k != "cache"}
+
+
 @pytest.fixture(scope="module")
 def other_family_kernels():
     """The other target family's IR form (x86 here: the ARM form, and the reverse), compiled fresh without cache:
@@ -127,7 +132,7 @@ def other_family_kernels():
     for kernel in (quant_int8._matmul_q4, quant_int8._matmul_q8):
         f = kernel.py_func
         copy = pytypes.FunctionType(f.__code__, {**f.__globals__, **swapped}, f.__name__, f.__defaults__, f.__closure__)
-        kernels.append(numba.njit(parallel=True)(copy))
+        kernels.append(numba.njit(**_options(kernel))(copy))
     return family, *kernels
 
 
@@ -163,7 +168,7 @@ def test_activation_order_is_a_permutation() -> None:
 def _fresh_asm(kernel) -> str:
     """The assembly of a fresh (not cached) compile of a parallel kernel, after checking it gives the cached
     kernel's bits."""
-    fresh = numba.njit(parallel=True)(kernel.py_func)
+    fresh = numba.njit(**_options(kernel))(kernel.py_func)
     rng = np.random.default_rng(0)
     kind = "q8_0" if kernel is quant_int8._matmul_q8 else "q4_1"
     qm = quant.quantize(rng.standard_normal((8, 96)).astype(np.float32), kind)

@@ -8,7 +8,9 @@ vpdpwssd on x86-64). Per row o, with s[g] = d_x[g] * sum(q_x of block g) (q8_1's
     q4_0  y[o] = sum_g d[o,g] d_x[g] sum_j (n_j - b) q_x[..] + (b - 8) sum_g d[o,g] s[g]
     q4_1  y[o] = sum_g d[o,g] d_x[g] sum_j (n_j - b) q_x[..] + sum_g (m[o,g] + b d[o,g]) s[g]
 with n_j a nibble and b = dot_ir.BIAS (8 on ARM, so q4_0 has no second term there; 0 on x86-64).
-The oracle is quant.matvec_int8_ref, which does the same integer sums in float64; quant.quantize_activations_ref
+The kernels allow LLVM to reassociate float sums (as quant_numba.py's do): without it the second term's loop
+over the blocks stays scalar and cost 40% of the q4_0 decode (9.3 against 4.0 cycles per block of 32 weights,
+one thread, a matrix in cache). The oracle is quant.matvec_int8_ref, which does the same integer sums in float64; quant.quantize_activations_ref
 is this quantizer's. The error against float32 activations is the activations' rounding, up to half a step
 d_x / 2 per element: tests/test_kernels_int8.py states it for the kernels and the models.
 """
@@ -25,7 +27,7 @@ numba = _numba.module()  # raises TinyVLMError, saying why, when numba cannot be
 from numba.core import cgutils, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from tinyvlm.kernels.quant_numba import PREFETCH_ROWS, _prefetch_row  # noqa: E402
+from tinyvlm.kernels.quant_numba import _FAST, PREFETCH_ROWS, _prefetch_row  # noqa: E402
 
 FAMILY = dot_ir.target_family()  # the IR form compiled here; cached code is keyed by numba to the CPU
 BIAS = dot_ir.BIAS[FAMILY]
@@ -101,7 +103,7 @@ def _quantize_activations(x: np.ndarray, where: np.ndarray, xq: np.ndarray, xl: 
             xs[t, g] = d * np.float32(total)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, fastmath=_FAST, inline="always")
 def _add_offset(m: np.ndarray, d: np.ndarray, m_scale: np.float32, d_scale: np.float32, xs: np.ndarray, o: int,
                 t: int, y: np.ndarray) -> None:
     """y[t, o] += sum_g (m_scale m[o,g] + d_scale d[o,g]) xs[t, g]: the q4 offset times the block sums."""
@@ -111,7 +113,7 @@ def _add_offset(m: np.ndarray, d: np.ndarray, m_scale: np.float32, d_scale: np.f
     y[t, o] += offset
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, fastmath=_FAST, cache=True)
 def _matmul_q4(qs: np.ndarray, d: np.ndarray, m: np.ndarray, m_scale: np.float32, d_scale: np.float32,
                has_offset: bool, xq: np.ndarray, xl: np.ndarray, xs: np.ndarray, y: np.ndarray) -> None:
     """y[t, o] = dot(row o, token t) + sum_g (m_scale m[o,g] + d_scale d[o,g]) xs[t, g] (the sum when has_offset)."""
@@ -139,7 +141,7 @@ def _matmul_q4(qs: np.ndarray, d: np.ndarray, m: np.ndarray, m_scale: np.float32
                     _add_offset(m, d, m_scale, d_scale, xs, o, t, y)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, fastmath=_FAST, cache=True)
 def _matmul_q8(qs: np.ndarray, d: np.ndarray, xq: np.ndarray, xl: np.ndarray, y: np.ndarray) -> None:
     """y[t, o] = dot(row o, token t); rows and tokens in tiles as in _matmul_q4."""
     n_tokens, out = xq.shape[0], qs.shape[0]
