@@ -6,7 +6,8 @@
 `make(name, threads)` builds one. The name comes from the caller (`tinyvlm.load(..., backend=...)`, `--backend`),
 else from the environment variable TINYVLM_BACKEND, else it is "numba" when numba can be imported and "numpy"
 otherwise. Both run one token's quantized matvecs on int8 activations by default (as llama.cpp does), or on
-float32 ones (decode_activations, $TINYVLM_DECODE_ACTIVATIONS, --decode-activations). Nothing here is module-level state: two models with different backends live side by side.
+float32 ones (decode_activations, $TINYVLM_DECODE_ACTIVATIONS, --decode-activations). Nothing here is
+module-level state: two models with different backends live side by side.
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 kernels/ops_numba.py); every other op is the NumPy backend's own.
 
 What runs in Numba, and why only that (each measured on the 2-core reference VM; the kernels' docstrings say more):
-* quantized linear layers: for one token (and up to backends.numpy.INT8_MAX_TOKENS), the activations quantized to int8 and
-  integer dot products (kernels/quant_int8.py), or with float32 activations a fused-dequantization matvec
-  (quant_numba.py); for more tokens, dequantized tiles into BLAS;
+* quantized linear layers: for one token (and up to backends.numpy.INT8_MAX_TOKENS), the activations
+  quantized to int8 and integer dot products (kernels/quant_int8.py), or with float32 activations a
+  fused-dequantization matvec (quant_numba.py); for more tokens, dequantized tiles into BLAS;
 * the LLM's RMSNorm, RoPE and SwiGLU step, and decode attention over the cache, but decode attention only when
   the layers are quantized: with dense layers every matvec is OpenBLAS's, and Numba's threads, spinning after a
   parallel kernel between them, cost more than the kernel saves (MobileLLaMA-1.4B fp32 decode: 5.3 tok/s with

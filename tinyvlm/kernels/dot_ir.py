@@ -142,7 +142,8 @@ def _block_lanes(b: ir.IRBuilder, family: str, kind: str, weights: list[ir.Value
             width = w.type.count // nb  # this part's bytes of one block: q4 16, q8_0 32
             for start in range(width * i, width * (i + 1), 16):
                 idx = list(range(start, start + 16))
-                products = b.mul(b.sext(_shuffle(b, w, idx), _vec(I32, 16)), b.sext(_shuffle(b, xp, idx), _vec(I32, 16)))
+                w16, x16 = (b.sext(_shuffle(b, v, idx), _vec(I32, 16)) for v in (w, xp))
+                products = b.mul(w16, x16)
                 acc = _partial_reduce(b, acc, products)
         per_block.append(acc)
     if nb == 1:

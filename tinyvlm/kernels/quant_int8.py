@@ -8,11 +8,18 @@ vpdpwssd on x86-64). Per row o, with s[g] = d_x[g] * sum(q_x of block g) (q8_1's
     q4_0  y[o] = sum_g d[o,g] d_x[g] sum_j (n_j - b) q_x[..] + (b - 8) sum_g d[o,g] s[g]
     q4_1  y[o] = sum_g d[o,g] d_x[g] sum_j (n_j - b) q_x[..] + sum_g (m[o,g] + b d[o,g]) s[g]
 with n_j a nibble and b = dot_ir.BIAS (8 on ARM, so q4_0 has no second term there; 0 on x86-64).
-The kernels allow LLVM to reassociate float sums (as quant_numba.py's do): without it the second term's loop
-over the blocks stays scalar and cost 40% of the q4_0 decode (9.3 against 4.0 cycles per block of 32 weights,
-one thread, a matrix in cache). The oracle is quant.matvec_int8_ref, which does the same integer sums in float64; quant.quantize_activations_ref
-is this quantizer's. The error against float32 activations is the activations' rounding, up to half a step
-d_x / 2 per element: tests/test_kernels_int8.py states it for the kernels and the models.
+The kernels let LLVM reassociate float sums (as quant_numba.py's do): without it the second term's loop over the
+blocks stays scalar, 40% of the q4_0 decode (9.3 against 4.0 cycles per block of 32 weights, one thread, a
+matrix in cache, on the 2-core Xeon of the benchmarks).
+
+Short inputs (2 .. backends.numpy.INT8_MAX_TOKENS tokens): the same, TOKENS tokens per pass over a weight row (its
+bytes split once for all of them) and ROWS rows per work item. Measured on one core, q4_0 5632 x 2048: 33-37
+GFLOP/s at 8 to 192 tokens, where dequantized tiles into BLAS (quant_numba.matmul) reach 15 at 8 tokens, 65 at
+58 and 115 at 192; longer inputs therefore go to BLAS.
+
+The oracle is quant.matvec_int8_ref, which does the same integer sums in float64, and quant.quantize_activations_ref
+this quantizer's. The error against float32 activations is the activations' rounding, up to half a step d_x / 2
+per element: tests/test_kernels_int8.py bounds it per matvec, tests/test_int8_activations.py on whole models.
 """
 from __future__ import annotations
 
