@@ -48,6 +48,16 @@ def test_make_names_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         backends.make("numpy", threads=0)
     with pytest.raises(TinyVLMError, match="threads must be between 1 and"):
         backends.make("numba", threads=10_000)
+    monkeypatch.setenv("TINYVLM_BACKEND", "numpy")
+    assert backends.make().decode_activations == "int8"
+    assert backends.make("numba", decode_activations="float32").decode_activations == "float32"
+    with pytest.raises(TinyVLMError, match="unknown decode activations 'int4'; expected one of int8, float32"):
+        backends.make(decode_activations="int4")
+    monkeypatch.setenv("TINYVLM_DECODE_ACTIVATIONS", "fp16")
+    with pytest.raises(TinyVLMError, match="'fp16' from TINYVLM_DECODE_ACTIVATIONS; expected one of int8, float32"):
+        backends.make()
+    monkeypatch.setenv("TINYVLM_DECODE_ACTIVATIONS", "float32")
+    assert backends.make().decode_activations == "float32"
 
 
 def test_without_numba_the_default_is_numpy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,6 +37,9 @@ def make(name: str | None = None, threads: int | None = None, decode_activations
     or kept in float32 ("float32"); the default comes from $TINYVLM_DECODE_ACTIVATIONS when set."""
     if decode_activations is None:
         decode_activations = os.environ.get("TINYVLM_DECODE_ACTIVATIONS") or "int8"
+        if decode_activations not in DECODE_ACTIVATIONS:
+            raise TinyVLMError(f"unknown decode activations {decode_activations!r} from TINYVLM_DECODE_ACTIVATIONS; "
+                               f"expected one of {', '.join(DECODE_ACTIVATIONS)}")
     source = "backend" if name is not None else "TINYVLM_BACKEND"
     name = default_name() if name is None else name
     if name not in BACKENDS:
