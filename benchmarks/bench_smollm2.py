@@ -52,9 +52,6 @@ class TinyVLMGenerate(TinyVLM):
     """Through `VLM.generate(..., stream=True)`, as users run it: the chat template, the streaming text decoder and
     the stop filters included. The prompt asks for a long answer; decode stops at EOS or --decode-tokens."""
 
-    def prefill(self, ids: list[int]) -> int:
-        return 0
-
     def run(self, prompt: str, max_new_tokens: int) -> tuple[float, float, int]:
         """(prefill tok/s, decode tok/s, prompt tokens) of one streamed answer."""
         for _ in self.vlm.generate(prompt, max_new_tokens=max_new_tokens, stream=True):

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.gguf_header import add_llama_header
+
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden_logits.json"
 # max |ours - golden| / max |golden|, for the prompt's last logits and the last decode step's. Measured, aarch64
 # (qemu, NUMBA_CPU_NAME=neoverse-n1) against the x86-64 file: numpy 8.7e-7 (prefill) and 5.0e-7 (decode), numba
@@ -54,16 +56,8 @@ def write_model(path: Path) -> Path:
 
     rng = np.random.default_rng(20240611)
     w = gguf.GGUFWriter(path, arch="llama")
-    w.add_name("golden-tiny-llama")
-    w.add_context_length(CONTEXT)
-    w.add_embedding_length(D)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(F)
-    w.add_rope_dimension_count(D // HEADS)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
+    add_llama_header(w, "golden-tiny-llama", context=CONTEXT, width=D, layers=LAYERS, ffn=F, heads=HEADS,
+                     kv_heads=KV_HEADS, eps=1e-5)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(["<unk>", "<s>", "</s>"] + [chr(ord("!") + i) for i in range(V - 4)] + ['!"'])

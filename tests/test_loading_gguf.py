@@ -28,6 +28,7 @@ from PIL import Image
 
 import tinyvlm
 from tests.checkpoints import TEXT, VISION
+from tests.gguf_header import add_llama_header
 from tinyvlm.errors import ConfigError, TinyVLMError, WeightsError
 from tinyvlm.config import GenerationConfig
 from tinyvlm.generate import generate_tokens
@@ -59,16 +60,9 @@ def write_llm(path: Path, llama: torch.nn.Module, vocab_file: Path, f16: bool) -
     """The LLM as convert_hf_to_gguf.py writes a llama; 2-D matrices in F16 when f16, everything else F32."""
     cfg = TEXT  # the config.json values of the checkpoint
     w = gguf.GGUFWriter(path, arch="llama")
-    w.add_name("MobileVLM-tiny")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg["rope_theta"])
+    add_llama_header(w, "MobileVLM-tiny", context=cfg["max_position_embeddings"], width=cfg["hidden_size"],
+                     layers=cfg["num_hidden_layers"], ffn=cfg["intermediate_size"], heads=cfg["num_attention_heads"],
+                     kv_heads=cfg["num_key_value_heads"], eps=cfg["rms_norm_eps"], rope_base=cfg["rope_theta"])
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     vocab = gguf.GGUFReader(vocab_file)
     for name, field in vocab.fields.items():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.fuzz.formats import proto_encode, proto_fields, write_safetensors
+from tests.gguf_header import add_llama_header
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SPM = SHARED_DATA / "llama-spm-vocab" / "tokenizer.model"
@@ -240,16 +241,8 @@ def write_gguf_llm(path: Path, rng: np.random.Generator) -> Path:
     import gguf
 
     w = gguf.GGUFWriter(path, arch="llama")
-    w.add_name("fuzz-seed")
-    w.add_context_length(CONTEXT)
-    w.add_embedding_length(D)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(F)
-    w.add_rope_dimension_count(D // HEADS)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
+    add_llama_header(w, "fuzz-seed", context=CONTEXT, width=D, layers=LAYERS, ffn=F, heads=HEADS, kv_heads=KV_HEADS,
+                     eps=1e-6)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
     pieces = spm_pieces(small_spm())
     w.add_tokenizer_model("llama")

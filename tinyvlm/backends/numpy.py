@@ -42,11 +42,14 @@ class NumpyBackend:
                                f"{', '.join(DECODE_ACTIVATIONS)}")
         self.threads = threads  # no effect here: NumPy's BLAS reads OPENBLAS_NUM_THREADS when it starts
         self.decode_activations = decode_activations  # what a quantized matrix multiplies a short input in
-        # inputs of at most this many tokens take the decode path through quantized matrices
-        self.short_input_tokens = INT8_MAX_TOKENS if decode_activations == "int8" else 1
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(threads={self.threads}, decode_activations={self.decode_activations!r})"
+
+    @property
+    def short_input_tokens(self) -> int:
+        """Inputs of at most this many tokens take the decode path through quantized matrices."""
+        return INT8_MAX_TOKENS if self.decode_activations == "int8" else 1
 
     def activate(self) -> None:
         """Make this backend's settings current for the calling thread; called at the start of each forward."""

@@ -1,0 +1,20 @@
+"""The llama hyperparameters of a GGUF file, in the order llama.cpp's convert_hf_to_gguf.py writes them; shared by
+the tests that write LLM GGUF files (the key order is part of a file's bytes, which test_golden_logits hashes)."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def add_llama_header(w: Any, name: str, *, context: int, width: int, layers: int, ffn: int, heads: int,
+                     kv_heads: int, eps: float, rope_base: float = 10000.0) -> None:
+    """general.name and the llama.* keys of a gguf.GGUFWriter `w` (RoPE over whole heads)."""
+    w.add_name(name)
+    w.add_context_length(context)
+    w.add_embedding_length(width)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_rope_dimension_count(width // heads)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(eps)
+    w.add_rope_freq_base(rope_base)
