@@ -14,7 +14,7 @@ ROOT=$PWD
 W=${ARM64_DIR:-${RUNNER_TEMP:-/tmp}/tinyvlm-arm64}
 HOST_PY=${HOST_PY:-python}  # only downloads and unpacks wheels
 TESTS=${ARM64_TESTS:-tests/test_kernels_quant.py tests/test_kernels_numba.py tests/test_kernels_int8.py
-tests/test_kernels.py tests/test_golden_logits.py}
+tests/test_kernels.py tests/test_golden_logits.py tests/test_k_quants.py}
 TEST_TIMEOUT=${ARM64_TEST_TIMEOUT:-480}  # s; 2 cores: 140 s without test_kernels_int8.py, which alone took 156 s
 DEBS="python3.11 libgomp1 libstdc++6 libgcc-s1"  # libgomp1: numba's OpenMP layer; libstdc++6, libgcc-s1: llvmlite
 # What the x86 CI resolves (pyproject.toml) and what the tests import, each pinned. --no-deps: the packages'

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.gguf_header import add_llama_header
+from tests.gguf_header import add_llama_header, add_tiny_vocab
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden_logits.json"
 # max |ours - golden| / max |golden|, for the prompt's last logits and the last decode step's. Measured, aarch64
@@ -58,13 +58,7 @@ def write_model(path: Path) -> Path:
     w = gguf.GGUFWriter(path, arch="llama")
     add_llama_header(w, "golden-tiny-llama", context=CONTEXT, width=D, layers=LAYERS, ffn=F, heads=HEADS,
                      kv_heads=KV_HEADS, eps=1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [chr(ord("!") + i) for i in range(V - 4)] + ['!"'])
-    w.add_token_types([3, 3, 3] + [1] * (V - 3))  # control, then normal
-    w.add_token_merges(['! "'])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_tiny_vocab(w, V)
 
     def matrix(name: str, rows: int, cols: int, kind: str) -> None:
         a = _uniform(rng, (rows, cols), 1.7 / np.sqrt(cols))  # std ~1/sqrt(cols): activations stay O(1)

@@ -102,6 +102,25 @@ def test_dequantize_quantizer_output_bit_exact(type_name: str) -> None:
     assert same_bits(gguf_quants.dequantize(raw.reshape(-1).view(np.uint8), type_name, w.shape), expected)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_q4_k_is_q4_1_exactly(seed: int) -> None:
+    """Q4_K becomes a q4_1 matrix whose dequantization is gguf's, bit for bit (no rounding anywhere)."""
+    rng = np.random.default_rng(seed)
+    rows, n_in = 4, 3 * 256
+    raw = random_blocks("Q4_K", rows * n_in // 256, rng)
+    qm = gguf_quants.q4_k_as_q4_1(raw, (rows, n_in))
+    assert qm.kind == "q4_1" and qm.shape == (rows, n_in) and qm.qs.shape == (rows, n_in // 2)
+    expected = gguf.quants.dequantize(raw.reshape(rows, -1), QT.Q4_K)
+    assert same_bits(kq.dequantize(qm), expected.astype(np.float32, copy=False))
+
+
+def test_q4_k_refuses_wrong_size() -> None:
+    with pytest.raises(WeightsError, match="Q4_K data for shape"):
+        gguf_quants.q4_k_as_q4_1(np.zeros(144, np.uint8), (1, 128))
+    with pytest.raises(WeightsError, match="Q4_K data for shape"):
+        gguf_quants.q4_k_as_q4_1(np.zeros(143, np.uint8), (1, 256))
+
+
 def test_dequantize_refuses_wrong_size() -> None:
     with pytest.raises(ValueError, match="Q4_0 data for shape"):
         gguf_quants.dequantize(np.zeros(17, np.uint8), "Q4_0", (32,))

@@ -66,13 +66,13 @@ def _round_half_away(v: np.ndarray) -> np.ndarray:
     return np.sign(v) * (fa + (a - fa >= np.float32(0.5)))  # a - fa is exact, so no double rounding
 
 
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
     """(out, G, 32) values 0..15 -> (out, G*16) bytes: element j low nibble, element j+16 high nibble."""
     out = q.shape[0]
     return (q[..., :16] | (q[..., 16:] << np.uint8(4))).reshape(out, -1)
 
 
-def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
     """(out, in/2) bytes -> (out, in/32, 32) values 0..15 in element order."""
     b = qs.reshape(qs.shape[0], -1, 16)  # (out, G, 16)
     return np.concatenate([b & np.uint8(15), b >> np.uint8(4)], axis=-1)  # (out, G, 32)
@@ -90,13 +90,13 @@ def quantize(w: np.ndarray, kind: str) -> QuantizedMatrix:
             d = np.take_along_axis(blocks, imax, axis=-1) / np.float32(-8)  # (out, G, 1)
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
             q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
-            return QuantizedMatrix(kind, (out, n_in), _pack_nibbles(q), _to_f16_f32(d[..., 0]))
+            return QuantizedMatrix(kind, (out, n_in), pack_nibbles(q), _to_f16_f32(d[..., 0]))
         if kind == "q4_1":
             lo = blocks.min(axis=-1, keepdims=True)  # (out, G, 1)
             d = (blocks.max(axis=-1, keepdims=True) - lo) / np.float32(15)
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
             q = np.trunc((blocks - lo) * inv + np.float32(0.5)).astype(np.uint8).clip(0, 15)
-            return QuantizedMatrix(kind, (out, n_in), _pack_nibbles(q), _to_f16_f32(d[..., 0]),
+            return QuantizedMatrix(kind, (out, n_in), pack_nibbles(q), _to_f16_f32(d[..., 0]),
                                    _to_f16_f32(lo[..., 0]))
         d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)  # q8_0
         inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
@@ -111,9 +111,9 @@ def dequantize(qm: QuantizedMatrix) -> np.ndarray:
     if qm.kind == "q8_0":
         w = qm.qs.reshape(out, -1, GROUP).astype(np.float32) * d  # (out, G, 32)
     elif qm.kind == "q4_0":
-        w = d * (_unpack_nibbles(qm.qs).astype(np.float32) - np.float32(8))
+        w = d * (unpack_nibbles(qm.qs).astype(np.float32) - np.float32(8))
     else:
-        w = d * _unpack_nibbles(qm.qs).astype(np.float32) + qm.m[..., None]
+        w = d * unpack_nibbles(qm.qs).astype(np.float32) + qm.m[..., None]
     return w.reshape(out, n_in)
 
 
@@ -207,7 +207,7 @@ def matvec_int8_ref(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
     out, n_in = qm.shape
     xq, xd = quantize_activations_ref(x)
     xq = xq.reshape(-1, GROUP).astype(np.int64)  # (G, 32)
-    q = (qm.qs.reshape(out, -1, GROUP) if qm.kind == "q8_0" else _unpack_nibbles(qm.qs)).astype(np.int64)
+    q = (qm.qs.reshape(out, -1, GROUP) if qm.kind == "q8_0" else unpack_nibbles(qm.qs)).astype(np.int64)
     dots = np.einsum("ogj,gj->og", q, xq).astype(np.float64)  # (out, G), exact
     scale = qm.d.astype(np.float64) * xd.astype(np.float64)  # (out, G)
     sums = xq.sum(axis=-1).astype(np.float64) * xd  # (G,): d_x sum(q_x)

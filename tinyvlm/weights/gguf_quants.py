@@ -16,10 +16,12 @@ A type is a block of `block_size` values stored in `type_size` bytes; all scales
 In a 32-value block of Q4_0/Q4_1, byte j holds value j (low nibble) and value j + 16 (high nibble). In the
 K-quants, each 64 values share 32 bytes: sub-block 2k takes their low nibbles, sub-block 2k + 1 the high ones.
 
-The K-quants (Q4_K_M files mix Q4_K and Q6_K) have no kernel of their own: the plan is to convert them once
-at load, dequantize then requantize to our q8_0 or q4_0/q4_1 (tinyvlm.kernels.quant). Measured on Gaussian
-rows (4096 x 4096, quantized by ggml's own quantizer), relative RMS error against the float weights:
-    Q4_K 0.0714   -> q8_0 0.0715   -> q4_1 0.0842   -> q4_0 0.1099
+Q4_K is q4_1 with its group scales and mins quantized against the super-block's d and dmin, so it becomes our q4_1
+exactly (q4_k_as_q4_1: scale d * sc and min -(dmin * mn), the float32 products ggml's dequantizer forms; the nibbles
+re-laid-out), and runs on q4_1's kernels. Q5_K and Q6_K are converted once at load: dequantized, then requantized
+to our q8_0 (tinyvlm.kernels.quant). Measured on Gaussian rows (4096 x 4096, quantized by ggml's own quantizer),
+relative RMS error against the float weights:
+    Q4_K 0.0714   -> q8_0 0.0715   -> q4_1 0.0842   -> q4_0 0.1099   (requantized; q4_k_as_q4_1 adds nothing)
     Q5_K 0.0361   -> q8_0 0.0365   -> q4_1 0.0845   -> q4_0 0.0934
     Q6_K 0.0177   -> q8_0 0.0186   -> q4_1 0.0802   -> q4_0 0.0891
     (float -> q8_0 0.0054, -> q4_1 0.0782, -> q4_0 0.0859 directly)
@@ -32,6 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from tinyvlm.errors import WeightsError
+from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, pack_nibbles
 
 QK_K = 256  # values per K-quant super-block
 
@@ -119,6 +124,21 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
     scales, mins = _k_scales(blocks[:, 4:16])
     q = _nibbles(blocks[:, 16:], 32).astype(np.float32)  # (n, 8, 32)
     return ((d * scales)[..., None] * q - (dmin * mins)[..., None]).reshape(n, QK_K)
+
+
+def q4_k_as_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> QuantizedMatrix:
+    """A Q4_K weight (out, in) from its bytes (uint8, rows of in/256 blocks) as the q4_1 matrix equal to it."""
+    out, n_in = shape
+    t = BY_NAME["Q4_K"]
+    if n_in % t.block_size or raw.dtype != np.uint8 or raw.size != nbytes("Q4_K", out * n_in):
+        raise WeightsError(f"Q4_K data for shape {shape} needs {nbytes('Q4_K', out * n_in)} bytes in blocks of "
+                           f"{t.block_size} inputs, got {raw.size} of dtype {raw.dtype}")
+    blocks = np.ascontiguousarray(raw).reshape(-1, t.type_size)  # (out * in/256, 144)
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # (n, 1) each
+    scales, mins = _k_scales(blocks[:, 4:16])  # (n, 8) each
+    q = _nibbles(blocks[:, 16:], 32)  # (n, 8, 32): group by group, values in order
+    return QuantizedMatrix("q4_1", (out, n_in), pack_nibbles(q.reshape(out, -1, GROUP)),
+                           (d * scales).reshape(out, -1), (-(dmin * mins)).reshape(out, -1))
 
 
 def _q5_k(blocks: np.ndarray) -> np.ndarray:
