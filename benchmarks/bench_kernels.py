@@ -66,8 +66,8 @@ def worker(args: argparse.Namespace) -> None:
 
     def copies(kind: str, out: int, n_in: int) -> list[quant.QuantizedMatrix]:
         """As many distinct matrices as fit in the pool (at least 2), as views into it."""
-        n_q = out * n_in // (1 if kind == "q8_0" else 2)
-        n_d = out * n_in // quant.GROUP
+        n_q = out * n_in * {"q8_0": 4, "q6_k": 3}.get(kind, 2) // 4
+        n_d = out * n_in // (16 if kind == "q6_k" else quant.GROUP)
         n = max(2, min(pool_bytes // n_q, scales.size // (2 * n_d)))
         mats = []
         for c in range(n):
@@ -84,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
     for out, n_in in SHAPES:
         x = rng.standard_normal(n_in).astype(np.float32)
         if args.only in (None, "matvec"):
-            for kind in quant.KINDS:
+            for kind in quant.KINDS + quant.FILE_KINDS:
                 mats = copies(kind, out, n_in)
                 for activations, matvec in (("float32", quant_numba.matvec), ("int8", quant_int8.matvec)):
                     t = median_seconds(lambda i: matvec(mats[i % len(mats)], x), len(mats), args.repeats)

@@ -1,8 +1,9 @@
 """LLM prefill and decode speed at MobileLLaMA-1.4B shapes (random weights), one engine per run; or the read ceiling.
 
-Engines: tinyvlm (`--quant fp32 | int8 | int4`), llama.cpp through llama-cpp-python (a Q4_0 GGUF written here with the
-`gguf` package), PyTorch + transformers (`LlamaForCausalLM`, fp32), and `bandwidth`: the memory read ceiling
-(a large float32 array summed by 1..n threads) that decode speed is judged against.
+Engines: tinyvlm (`--quant fp32 | int8 | int4`), llama.cpp through llama-cpp-python (`--gguf q4_0`: a Q4_0 GGUF written
+here with the `gguf` package; `--gguf q4_k_m`: the same weights made Q4_K_M by llama.cpp's own quantizer),
+tinyvlm-gguf (tinyvlm loading that same file), PyTorch + transformers (`LlamaForCausalLM`, fp32), and `bandwidth`: the
+memory read ceiling (a large float32 array summed by 1..n threads) that decode speed is judged against.
 Every engine gets the same protocol: prefill a random prompt on an empty cache, then decode greedily one token at a
 time after it (the argmax of each step's logits is the next input), so decode runs at context prefill .. prefill+N.
 One warm-up round first (JIT, lazy allocation), then `--repeat` timed rounds; medians are reported.
@@ -11,6 +12,7 @@ Prints one JSON line. Run: `python benchmarks/bench_llm.py --engine tinyvlm --qu
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +61,17 @@ class TinyVLM:
         return int(np.argmax(self.lm.forward(self.lm.embed([token]), self.cache)))
 
 
+class TinyVLMGGUF(TinyVLM):
+    """tinyvlm running llama.cpp's file (the one the llama.cpp engine reads with the same --gguf)."""
+
+    def __init__(self, path: Path, threads: int, decode_activations: str = "int8") -> None:
+        import tinyvlm
+
+        self.weight_bytes = gguf_decode_bytes(path)
+        self.lm = tinyvlm.load(path, threads=threads, decode_activations=decode_activations).language
+        self.cache = self.lm.new_cache()
+
+
 def load_quantizer(quant: str) -> Any:
     """tinyvlm's `quantize_language` (issue 3 section 1) for int8/int4, None for fp32; checked before any work."""
     if quant == "fp32":
@@ -73,12 +86,9 @@ def load_quantizer(quant: str) -> Any:
 # ---------------------------------------------------------------- llama.cpp
 
 class LlamaCpp:
-    def __init__(self, threads: int, cache_dir: Path, extra_buffers: bool) -> None:
-        try:
-            import llama_cpp
-        except ImportError as e:
-            raise Unavailable(f"llama-cpp-python is not installed ({e})") from None
-        path = ensure_gguf(cache_dir)
+    def __init__(self, threads: int, path: Path, extra_buffers: bool) -> None:
+        import llama_cpp
+
         self.weight_bytes = gguf_decode_bytes(path)
         self.llama_cpp = llama_cpp
         self.settings = dict(n_threads=threads, n_threads_batch=threads, n_ctx=TEXT.max_position_embeddings,
@@ -132,22 +142,39 @@ def _model_params(llama_cpp: Any, extra_buffers: bool) -> Iterator[None]:
         module.llama_model_default_params = default
 
 
-GGUF_NAME = "mobilellama-1.4b-random-q4_0-q8_0-output.gguf"
+GGUF_NAMES = {"q4_0": "mobilellama-1.4b-random-q4_0-q8_0-output.gguf",
+              "q4_k_m": "mobilellama-1.4b-random-q4_k_m-llamacpp.gguf"}
+GGUF_LABELS = {"q4_0": "q4_0 (output q8_0)", "q4_k_m": "Q4_K_M (llama.cpp's quantizer, from F16)"}
+LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h
 
 
-def ensure_gguf(cache_dir: Path) -> Path:
-    """The random-weight Q4_0 GGUF at MobileLLaMA-1.4B shapes, written once into cache_dir."""
-    path = cache_dir / GGUF_NAME
+def ensure_gguf(cache_dir: Path, kind: str) -> Path:
+    """The random-weight GGUF at MobileLLaMA-1.4B shapes, written once into cache_dir: Q4_0 written by gguf-py,
+    or Q4_K_M made by llama.cpp's own quantizer from the same weights in F16 (which needs llama-cpp-python)."""
+    path = cache_dir / GGUF_NAMES[kind]
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
-        write_gguf(tmp)
+        if kind == "q4_0":
+            write_gguf(tmp, "Q4_0")
+        else:
+            import llama_cpp
+
+            f16 = cache_dir / "mobilellama-1.4b-random-f16.partial"
+            write_gguf(f16, "F16")
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = LLAMA_FTYPE_MOSTLY_Q4_K_M, os.cpu_count() or 1
+            status = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
+            f16.unlink()
+            if status != 0:
+                raise Unavailable(f"llama.cpp's quantizer failed (status {status})")
         tmp.rename(path)  # only a complete file ever has the final name
     return path
 
 
-def write_gguf(path: Path) -> None:
-    """Every 2-D weight Q4_0, output.weight Q8_0, norms F32; llama.cpp names and metadata; the SPM vocab's tokenizer.
+def write_gguf(path: Path, kind: str) -> None:
+    """Every 2-D weight in `kind` (Q4_0, or F16 for llama.cpp's quantizer), output.weight Q8_0 (F16), norms F32;
+    llama.cpp names and metadata; the SPM vocab's tokenizer.
 
     llama.cpp's own Q4_0 quantizer keeps output.weight at Q6_K, which gguf-py cannot write; Q8_0 (8.5 bits) stands
     in for it, so this file reads slightly more bytes per token than a real Q4_0 file (counted in weight_bytes).
@@ -174,21 +201,23 @@ def write_gguf(path: Path) -> None:
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(V)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if kind == "Q4_0" else gguf.LlamaFileType.MOSTLY_F16)
     _copy_tokenizer(w, TOKENIZER.with_name("ggml-vocab-llama-spm.gguf"))
 
     ones = np.ones(D, np.float32)
-    w.add_tensor("token_embd.weight", matrix(V, D, Q.Q4_0), raw_dtype=Q.Q4_0)
+    qtype = Q[kind]
+    w.add_tensor("token_embd.weight", matrix(V, D, qtype), raw_dtype=qtype)
     for i in range(L):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", ones)
         for name, rows, cols in (("attn_q", q_out, D), ("attn_k", kv_out, D), ("attn_v", kv_out, D),
                                  ("attn_output", D, q_out), ("ffn_gate", F, D), ("ffn_up", F, D),
                                  ("ffn_down", D, F)):
-            w.add_tensor(b + name + ".weight", matrix(rows, cols, Q.Q4_0), raw_dtype=Q.Q4_0)
+            w.add_tensor(b + name + ".weight", matrix(rows, cols, qtype), raw_dtype=qtype)
         w.add_tensor(b + "ffn_norm.weight", ones)
     w.add_tensor("output_norm.weight", ones)
-    w.add_tensor("output.weight", matrix(V, D, Q.Q8_0), raw_dtype=Q.Q8_0)
+    out_type = Q.Q8_0 if kind == "Q4_0" else qtype
+    w.add_tensor("output.weight", matrix(V, D, out_type), raw_dtype=out_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -324,15 +353,24 @@ def build(args: argparse.Namespace) -> tuple[Engine, str]:
     """The engine and its weight format label."""
     if args.engine == "tinyvlm":
         return TinyVLM(args.quant, args.threads, args.decode_activations), args.quant
-    if args.engine == "llama.cpp":
-        engine = LlamaCpp(args.threads, args.cache_dir, not args.llamacpp_no_extra_buffers)
-        return engine, "q4_0 (output q8_0)" + (", no extra buffer types" if args.llamacpp_no_extra_buffers else "")
+    if args.engine in ("llama.cpp", "tinyvlm-gguf"):
+        try:
+            import llama_cpp  # noqa: F401  (both read the file llama.cpp reads; Q4_K_M is made by its quantizer)
+        except ImportError as e:
+            raise Unavailable(f"llama-cpp-python is not installed ({e})") from None
+        path = ensure_gguf(args.cache_dir, args.gguf)
+        if args.engine == "tinyvlm-gguf":
+            return TinyVLMGGUF(path, args.threads, args.decode_activations), GGUF_LABELS[args.gguf]
+        engine = LlamaCpp(args.threads, path, not args.llamacpp_no_extra_buffers)
+        return engine, GGUF_LABELS[args.gguf] + (", no extra buffer types" if args.llamacpp_no_extra_buffers else "")
     return Torch(args.threads), "fp32"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", choices=("tinyvlm", "llama.cpp", "torch", "bandwidth"), required=True)
+    ap.add_argument("--engine", choices=("tinyvlm", "tinyvlm-gguf", "llama.cpp", "torch", "bandwidth"), required=True)
+    ap.add_argument("--gguf", choices=tuple(GGUF_NAMES), default="q4_0",
+                    help="the file llama.cpp and tinyvlm-gguf read (default q4_0)")
     ap.add_argument("--quant", choices=("fp32", "int8", "int4"), default="fp32", help="tinyvlm weight format")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill-tokens", type=int, default=192)

@@ -23,7 +23,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.test_kernels_quant import SETTINGS, assert_close, kernel_cases, kernel_scale, make_case, make_weight
+from tests.test_kernels_quant import (ALL_KINDS, SETTINGS, assert_close, kernel_cases, kernel_scale, make_case,
+                                      make_matrix, make_weight)
 from tinyvlm.kernels import _numba, dot_ir, quant
 
 BACKEND_FREE = True  # kernels only
@@ -99,9 +100,9 @@ def test_int8_activations_error_against_float32(case: tuple) -> None:
     assert np.all(err <= bound + slack), float(np.max(err - bound - slack))
 
 
-@pytest.mark.parametrize("kind", quant.KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_threads_give_identical_bits(kind: str) -> None:
-    qm = quant.quantize(make_weight("mixed_scales", 203, 32 * 7, seed=11), kind)
+    qm = make_matrix(make_weight("mixed_scales", 203, 32 * 7, seed=11), kind, np.random.default_rng(11))
     x = np.random.default_rng(2).standard_normal(32 * 7).astype(np.float32)
     before = _numba.get_threads()
     try:
@@ -126,8 +127,9 @@ def other_family_kernels():
     import types as pytypes
 
     family = "arm" if quant_int8.FAMILY == "x86" else "x86"
-    swapped = {f"_dot_{kind}{tile}": quant_int8.row_dot_intrinsic(kind.replace("q8", "q8_0"), family, tokens)
-               for kind in ("q4", "q8") for tile, tokens in (("", 1), ("_tile", quant_int8.TOKENS))}
+    names = {"q4": "q4", "q8": "q8_0", "q6": "q6_k"}
+    swapped = {f"_dot_{short}{tile}": quant_int8.row_dot_intrinsic(kind, family, tokens)
+               for short, kind in names.items() for tile, tokens in (("", 1), ("_tile", quant_int8.TOKENS))}
     kernels = []
     for kernel in (quant_int8._matmul_q4, quant_int8._matmul_q8):
         f = kernel.py_func
@@ -144,8 +146,8 @@ def test_other_family_form_matches_reference(other_family_kernels, case: tuple, 
     xs_in = np.vstack([x] + [rng.standard_normal(x.shape[0]).astype(np.float32) for _ in range(n_tokens - 1)])
     xq, xl, xs = quant_int8.quantize_activations(xs_in, qm.kind, family)
     y = np.empty((n_tokens, qm.shape[0]), np.float32)
-    if qm.kind == "q8_0":
-        q8_kernel(qm.qs, qm.d, xq, xl, y)
+    if qm.kind in ("q8_0", "q6_k"):
+        q8_kernel(qm.qs, qm.d, qm.kind == "q6_k", xq, xl, y)
     else:
         bias = dot_ir.BIAS[family]
         m, m_scale, d_scale = (qm.m, 1, bias) if qm.kind == "q4_1" else (qm.d, 0, bias - 8)
@@ -156,7 +158,7 @@ def test_other_family_form_matches_reference(other_family_kernels, case: tuple, 
 
 def test_activation_order_is_a_permutation() -> None:
     for family in ("x86", "arm"):
-        for kind in quant.KINDS:
+        for kind in ALL_KINDS:
             for blocks in (1, 2, 3, 8):
                 order = dot_ir.activation_order(family, kind, 32 * blocks)
                 assert sorted(order) == list(range(32 * blocks))
@@ -171,15 +173,16 @@ def _fresh_asm(kernel) -> str:
     kernel's bits."""
     fresh = numba.njit(**_options(kernel))(kernel.py_func)
     rng = np.random.default_rng(0)
-    kind = "q8_0" if kernel is quant_int8._matmul_q8 else "q4_1"
-    qm = quant.quantize(rng.standard_normal((8, 96)).astype(np.float32), kind)
-    xq, xl, xs = quant_int8.quantize_activations(rng.standard_normal((5, 96)).astype(np.float32), kind)
-    y = np.empty((5, 8), np.float32)
-    if kind == "q8_0":
-        fresh(qm.qs, qm.d, xq, xl, y)
-    else:
-        fresh(qm.qs, qm.d, qm.m, np.float32(1), np.float32(quant_int8.BIAS), True, xq, xl, xs, y)
-    assert np.array_equal(y, quant_int8.matmul_quantized(qm, xq, xl, xs))
+    kinds = ("q8_0", "q6_k") if kernel is quant_int8._matmul_q8 else ("q4_1",)
+    for kind in kinds:
+        qm = make_matrix(rng.standard_normal((8, 96)).astype(np.float32), kind, rng)
+        xq, xl, xs = quant_int8.quantize_activations(rng.standard_normal((5, 96)).astype(np.float32), kind)
+        y = np.empty((5, 8), np.float32)
+        if kind != "q4_1":
+            fresh(qm.qs, qm.d, kind == "q6_k", xq, xl, y)
+        else:
+            fresh(qm.qs, qm.d, qm.m, np.float32(1), np.float32(quant_int8.BIAS), True, xq, xl, xs, y)
+        assert np.array_equal(y, quant_int8.matmul_quantized(qm, xq, xl, xs))
     return "\n".join(fresh.inspect_asm().values())
 
 

@@ -54,6 +54,21 @@ def make_weight(pattern: str, out: int, n_in: int, seed: int) -> np.ndarray:
     return w
 
 
+def random_q6_k(out: int, n_in: int, rng: np.random.Generator, scale: float = 1.0) -> QuantizedMatrix:
+    """A q6_k matrix (the GGUF-only kind) of random values 0..63 and per-16 scales d * sc, d a float16 and sc an
+    int8 as in a Q6_K file (weights/gguf_quants.q6_k_as_q6_k; tests/test_weights_gguf.py checks that conversion)."""
+    q = rng.integers(0, 64, size=(out, n_in // GROUP, GROUP), dtype=np.uint8)
+    d = (rng.standard_normal((out, n_in // 16)) * scale / 1400).astype(np.float16).astype(np.float32)
+    sc = rng.integers(-128, 128, d.shape).astype(np.float32)
+    return QuantizedMatrix("q6_k", (out, n_in), quant.pack_q6(q), d * sc)
+
+
+def make_matrix(w: np.ndarray, kind: str, rng: np.random.Generator) -> QuantizedMatrix:
+    """w quantized by `kind`; for q6_k, which nothing here quantizes to, a random matrix of w's shape instead."""
+    return random_q6_k(*w.shape, rng, float(np.abs(w).max())) if kind == "q6_k" else quant.quantize(w, kind)
+
+
+ALL_KINDS = quant.KINDS + quant.FILE_KINDS
 weights = st.tuples(st.sampled_from(PATTERNS), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1))
 
 
@@ -152,7 +167,7 @@ def test_arrays_round_trip_and_refuse_mismatches(kind: str) -> None:
 # ---------------------------------------------------------------- Numba kernels vs the NumPy references
 
 kernel_cases = st.tuples(
-    st.sampled_from(quant.KINDS),
+    st.sampled_from(ALL_KINDS),
     st.sampled_from((1, 2, 3, 17, 33, 70)),  # out: one row, odd sizes
     st.integers(1, 6),  # groups along `in`
     st.sampled_from((1.0, 1e-3, 1e3)),  # weight scale
@@ -165,7 +180,7 @@ def make_case(case: tuple) -> tuple[QuantizedMatrix, np.ndarray, np.random.Gener
     kind, out, groups, w_scale, x_kind, seed = case
     rng = np.random.default_rng(seed)
     n_in = groups * GROUP
-    qm = quant.quantize(rng.standard_normal((out, n_in)).astype(np.float32) * np.float32(w_scale), kind)
+    qm = make_matrix(rng.standard_normal((out, n_in)).astype(np.float32) * np.float32(w_scale), kind, rng)
     x = rng.standard_normal(2 * n_in).astype(np.float32)
     if x_kind == "huge":
         x[rng.integers(2 * n_in)] = np.float32(1e6)
@@ -176,10 +191,10 @@ def make_case(case: tuple) -> tuple[QuantizedMatrix, np.ndarray, np.random.Gener
 def kernel_scale(x: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
     """sum_j |x_j| (|d q_j| + |m|) per output: the size of the terms the kernels add up.
 
-    For q8_0 that is sum |x||w'|. The q4 kernels add d * sum(q x) and m * sum(x) per group (q4_0: q in 0..15,
+    For q8_0 and q6_k that is sum |x||w'|. The q4 kernels add d * sum(q x) and m * sum(x) per group (q4_0: q in 0..15,
     m = -8 d), so where w' is near 0 the two terms cancel and the float32 error scales with them.
     """
-    if qm.kind == "q8_0":
+    if qm.kind in ("q8_0", "q6_k"):
         return np.abs(x) @ np.abs(quant.dequantize(qm)).T
     out, n_in = qm.shape
     q = np.concatenate([qm.qs.reshape(out, -1, 16) & 15, qm.qs.reshape(out, -1, 16) >> 4], axis=-1)  # (out, G, 32)
@@ -214,9 +229,9 @@ def test_numba_matmul_matches_reference(case: tuple, t: int, tile: int) -> None:
         assert_close(y[row], ref[row], xs[row], qm)
 
 
-@pytest.mark.parametrize("kind", quant.KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_numba_dequantize_rows_bit_exact(kind: str) -> None:
-    qm = quant.quantize(make_weight("mixed_scales", 9, 96, seed=3), kind)
+    qm = make_matrix(make_weight("mixed_scales", 9, 96, seed=3), kind, np.random.default_rng(3))
     w = np.empty((5, 96), np.float32)
     quant_numba.dequantize_rows(qm, 4, w)
     order = quant_numba.column_order(qm)
@@ -224,10 +239,10 @@ def test_numba_dequantize_rows_bit_exact(kind: str) -> None:
     assert np.array_equal(bits(w), bits(quant.dequantize(qm)[4:9][:, order]))
 
 
-@pytest.mark.parametrize("kind", quant.KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_threads_1_and_n_give_identical_results(kind: str) -> None:
     n = _numba.module().config.NUMBA_NUM_THREADS
-    qm = quant.quantize(make_weight("normal", 301, 256, seed=5), kind)
+    qm = make_matrix(make_weight("normal", 301, 256, seed=5), kind, np.random.default_rng(5))
     x = make_weight("normal", 7, 256, seed=6)
     before = _numba.get_threads()
     try:
@@ -245,6 +260,7 @@ def test_threads_1_and_n_give_identical_results(kind: str) -> None:
 def test_pack_together_keeps_values_in_one_aligned_buffer() -> None:
     mats = [quant.quantize(make_weight("normal", out, n_in, seed=out), kind)
             for out, n_in, kind in ((3, 64, "q4_0"), (5, 32, "q4_1"), (7, 96, "q8_0"), (1, 32, "q4_1"))]
+    mats.append(random_q6_k(4, 64, np.random.default_rng(0)))
     packed = quant.pack_together(mats)
     assert len(packed) == len(mats)
     arrays = [a for qm in packed for a in (qm.qs, qm.d, qm.m) if a is not None]

@@ -114,11 +114,26 @@ def test_q4_k_is_q4_1_exactly(seed: int) -> None:
     assert same_bits(kq.dequantize(qm), expected.astype(np.float32, copy=False))
 
 
-def test_q4_k_refuses_wrong_size() -> None:
-    with pytest.raises(WeightsError, match="Q4_K data for shape"):
-        gguf_quants.q4_k_as_q4_1(np.zeros(144, np.uint8), (1, 128))
-    with pytest.raises(WeightsError, match="Q4_K data for shape"):
-        gguf_quants.q4_k_as_q4_1(np.zeros(143, np.uint8), (1, 256))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_q6_k_is_our_q6_k_exactly(seed: int) -> None:
+    """Q6_K becomes our q6_k, whose dequantization is gguf's, bit for bit; its values and scales round-trip."""
+    rng = np.random.default_rng(seed)
+    rows, n_in = 4, 3 * 256
+    raw = random_blocks("Q6_K", rows * n_in // 256, rng)
+    qm = gguf_quants.q6_k_as_q6_k(raw, (rows, n_in))
+    assert qm.kind == "q6_k" and qm.qs.shape == (rows, n_in * 3 // 4) and qm.d.shape == (rows, n_in // 16)
+    expected = gguf.quants.dequantize(raw.reshape(rows, -1), QT.Q6_K)
+    assert same_bits(kq.dequantize(qm), expected.astype(np.float32, copy=False))
+    assert np.array_equal(kq.pack_q6(kq.q6_values(qm.qs)), qm.qs)
+
+
+@pytest.mark.parametrize("convert, type_name", [(gguf_quants.q4_k_as_q4_1, "Q4_K"), (gguf_quants.q6_k_as_q6_k, "Q6_K")])
+def test_k_quant_conversions_refuse_wrong_size(convert, type_name: str) -> None:
+    size = gguf_quants.BY_NAME[type_name].type_size
+    with pytest.raises(WeightsError, match=f"{type_name} data for shape"):
+        convert(np.zeros(size, np.uint8), (1, 128))  # not a whole super-block
+    with pytest.raises(WeightsError, match=f"{type_name} data for shape"):
+        convert(np.zeros(size - 1, np.uint8), (1, 256))
 
 
 def test_dequantize_refuses_wrong_size() -> None:

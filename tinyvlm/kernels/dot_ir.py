@@ -98,16 +98,50 @@ def _partial_reduce(b: ir.IRBuilder, acc: ir.Value, products: ir.Value) -> ir.Va
 
 
 def steps(family: str, kind: str) -> int:
-    """Blocks per step of the row loop: two (x86 q4: 512-bit vectors; arm: the loop's own cost halved), x86
-    q8_0 one (a block fills 512 bits). A last odd block runs alone."""
-    return 1 if family == "x86" and kind == "q8_0" else 2
+    """Blocks per step of the row loop: two (x86 q4, q6_k: 512-bit vectors, q6_k's unpacking shared; arm: the
+    loop's own cost halved), x86 q8_0 one (a block fills 512 bits), arm q6_k one (its sdot works on one block's
+    half at a time). A last odd block runs alone."""
+    if family == "x86":
+        return 1 if kind == "q8_0" else 2
+    return 1 if kind == "q6_k" else 2
 
 
-def _weights(b: ir.IRBuilder, family: str, kind: str, q: ir.Value, g: ir.Value, nb: int) -> list[ir.Value]:
-    """The integers of blocks g .. g + nb of a row (q: its bytes): q8_0 [<32nb x i8>]; q4 [low nibbles, high
-    nibbles], each <16nb x i8>, less BIAS."""
+def scales_per_block(kind: str) -> int:
+    """Weight scales per block of 32: q6_k has one per 16 values (its two halves keep separate lanes)."""
+    return 2 if kind == "q6_k" else 1
+
+
+def _q6_weights(b: ir.IRBuilder, q: ir.Value, g: ir.Value, plane: ir.Value, nb: int) -> ir.Value:
+    """q6_k blocks g .. g + nb as <32nb x i8> values q - 32, element 8k + j of block g + i at 8nb k + 8i + j: the
+    three planes' 8nb bytes each (low 4 bits of elements j and 16 + j; of 8 + j and 24 + j; top 2 bits of all)."""
+    base = b.mul(g, ir.Constant(I64, 8))
+    n = 8 * nb
+    low, odd, high = (_load_i8(b, q, b.add(base, b.mul(plane, ir.Constant(I64, p))), n) for p in range(3))
+
+    def splat(v: int) -> ir.Constant:
+        return _splat(I8, n, v)
+
+    def top(shifted: ir.Value) -> ir.Value:
+        return b.and_(shifted, splat(0x30))  # the two bits of quarter k, at bits 4..5
+
+    quarters = [b.or_(b.and_(low, splat(15)), top(b.shl(high, splat(4)))),
+                b.or_(b.and_(odd, splat(15)), top(b.shl(high, splat(2)))),
+                b.or_(b.lshr(low, splat(4)), top(high)),
+                b.or_(b.lshr(odd, splat(4)), top(b.lshr(high, splat(2))))]
+    halves = [b.shuffle_vector(quarters[i], quarters[i + 1], ir.Constant(_vec(I32, 2 * n), list(range(2 * n))))
+              for i in (0, 2)]
+    values = b.shuffle_vector(*halves, ir.Constant(_vec(I32, 4 * n), list(range(4 * n))))
+    return b.sub(values, _splat(I8, 4 * n, 32))
+
+
+def _weights(b: ir.IRBuilder, family: str, kind: str, q: ir.Value, g: ir.Value, plane: ir.Value,
+             nb: int) -> list[ir.Value]:
+    """The integers of blocks g .. g + nb of a row (q: its bytes; plane: q6_k's plane size): q8_0 [<32nb x i8>];
+    q4 [low nibbles, high nibbles], each <16nb x i8>, less BIAS; q6_k [<32nb x i8>] (_q6_weights)."""
     if kind == "q8_0":
         return [_load_i8(b, q, b.mul(g, ir.Constant(I64, BLOCK)), BLOCK * nb)]
+    if kind == "q6_k":
+        return [_q6_weights(b, q, g, plane, nb)]
     qv = _load_i8(b, q, b.mul(g, ir.Constant(I64, BLOCK // 2)), 16 * nb)  # <16nb x i8>: 16 bytes a block
     lo, hi = b.and_(qv, _splat(I8, 16 * nb, 15)), b.lshr(qv, _splat(I8, 16 * nb, 4))
     if BIAS[family]:
@@ -118,7 +152,7 @@ def _weights(b: ir.IRBuilder, family: str, kind: str, q: ir.Value, g: ir.Value, 
 def _activations(b: ir.IRBuilder, kind: str, x: ir.Value, g: ir.Value, nb: int) -> list[ir.Value]:
     """The int8 activations that _weights' parts multiply (x in activation_order), part by part."""
     xv = _load_i8(b, x, b.mul(g, ir.Constant(I64, BLOCK)), BLOCK * nb)  # <32nb x i8>
-    if kind == "q8_0":
+    if kind in ("q8_0", "q6_k"):
         return [xv]
     return [_shuffle(b, xv, list(range(16 * nb))), _shuffle(b, xv, list(range(16 * nb, 32 * nb)))]
 
@@ -126,7 +160,7 @@ def _activations(b: ir.IRBuilder, kind: str, x: ir.Value, g: ir.Value, nb: int) 
 def _block_lanes(b: ir.IRBuilder, family: str, kind: str, weights: list[ir.Value], xs: list[ir.Value],
                  nb: int) -> ir.Value:
     """Integer lanes of nb blocks' dot products, block i in lanes L i .. L i + L - 1 (L = lanes_per_block)."""
-    signed_weights = kind == "q8_0" or BIAS[family] != 0
+    signed_weights = kind in ("q8_0", "q6_k") or BIAS[family] != 0
     if family == "x86":
         lanes = None
         for w, xp in zip(weights, xs):
@@ -134,19 +168,25 @@ def _block_lanes(b: ir.IRBuilder, family: str, kind: str, weights: list[ir.Value
             wide = b.sext(w, _vec(I32, n)) if signed_weights else b.zext(w, _vec(I32, n))
             s = _pairs(b, b.mul(wide, b.sext(xp, _vec(I32, n))))
             lanes = s if lanes is None else b.add(lanes, s)
+        if kind == "q6_k" and nb > 1:  # pair lane 8k + 4i + m (block i, quarter k) to block-major 16i + 4k + m
+            order = [8 * (lane % 16 // 4) + 4 * (lane // 16) + lane % 4 for lane in range(16 * nb)]
+            lanes = _shuffle(b, lanes, order)
         return lanes
-    per_block = []  # arm: each block's own <4 x i32> (the partial reduction's lanes are unspecified)
-    for i in range(nb):
-        acc = ir.Constant(_vec(I32, 4), [ir.Constant(I32, 0)] * 4)
+    zero = ir.Constant(_vec(I32, 4), [ir.Constant(I32, 0)] * 4)
+    per_block = []  # arm: each block's own <4 x i32> (the partial reduction's lanes are unspecified); q6_k: each
+    for i in range(nb):  # half's own, as its halves have their own scales
+        acc = zero
         for w, xp in zip(weights, xs):
             width = w.type.count // nb  # this part's bytes of one block: q4 16, q8_0 32
             for start in range(width * i, width * (i + 1), 16):
                 idx = list(range(start, start + 16))
                 w16, x16 = (b.sext(_shuffle(b, v, idx), _vec(I32, 16)) for v in (w, xp))
-                products = b.mul(w16, x16)
-                acc = _partial_reduce(b, acc, products)
-        per_block.append(acc)
-    if nb == 1:
+                acc = _partial_reduce(b, acc if kind != "q6_k" else zero, b.mul(w16, x16))
+                if kind == "q6_k":
+                    per_block.append(acc)
+        if kind != "q6_k":
+            per_block.append(acc)
+    if len(per_block) == 1:
         return per_block[0]
     return b.shuffle_vector(per_block[0], per_block[1], ir.Constant(_vec(I32, 8), list(range(8))))
 
@@ -154,17 +194,24 @@ def _block_lanes(b: ir.IRBuilder, family: str, kind: str, weights: list[ir.Value
 def activation_order(family: str, kind: str, n_in: int) -> list[int]:
     """The order the kernel reads the int8 activations in: element indices, (in,). The q4 kernels take two
     blocks a step, the elements of their low nibbles first: per pair of blocks A, B: A[0:16] B[0:16] A[16:32]
-    B[16:32]; a last odd block, and q8_0, in natural order."""
+    B[16:32]; q6_k per step its quarters (elements 8k .. 8k + 7) in turn, each block's in turn: A[0:8] B[0:8]
+    A[8:16] ...; a last odd block, and q8_0, in natural order."""
     nb, blocks = (1 if kind == "q8_0" else steps(family, kind)), n_in // BLOCK
     order = []
     for g in range(0, blocks - blocks % nb, nb):
-        order += [BLOCK * (g + i) + j for half in (0, 16) for i in range(nb) for j in range(half, half + 16)]
+        if kind == "q6_k":  # as _q6_weights lays them out
+            order += [BLOCK * (g + i) + 8 * k + j for k in range(4) for i in range(nb) for j in range(8)]
+        else:
+            order += [BLOCK * (g + i) + j for half in (0, 16) for i in range(nb) for j in range(half, half + 16)]
     return order + list(range(len(order), n_in))
 
 
 def lanes_per_block(family: str, kind: str) -> int:
-    """x86: the pair sums of a block (q8_0: 16; q4: 8, its low- and high-nibble halves added); arm: 4."""
-    return (16 if kind == "q8_0" else 8) if family == "x86" else 4
+    """x86: the pair sums of a block (q8_0, q6_k: 16; q4: 8, its low- and high-nibble halves added); arm: 4
+    (q6_k 8: 4 a half)."""
+    if family == "x86":
+        return 16 if kind in ("q8_0", "q6_k") else 8
+    return 8 if kind == "q6_k" else 4
 
 
 def _hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -182,6 +229,7 @@ def _scaled_loop(b: ir.IRBuilder, fn: ir.Function, family: str, kind: str, token
     * d[g] per block. The weights are loaded and split once per step for all tokens. Returns each token's
     accumulated lane sum."""
     q, d, x, x_stride, xl, xl_stride = fn.args[:6]
+    plane = b.mul(fn.args[8], ir.Constant(I64, 8))  # q6_k: bytes per plane of the row
     per = lanes_per_block(family, kind)
     lanes = per * nb
     vf = _vec(F32, lanes)
@@ -197,9 +245,11 @@ def _scaled_loop(b: ir.IRBuilder, fn: ir.Function, family: str, kind: str, token
     b.cbranch(b.icmp_signed("<", i, count), body, done)
     b.position_at_end(body)
     g = b.add(start, b.mul(i, ir.Constant(I64, nb)))
-    weights = _weights(b, family, kind, q, g, nb)
-    w_scale = b.load(b.bitcast(b.gep(d, [g]), _vec(F32, nb).as_pointer()), align=4)  # d[g .. g + nb]
-    w_scale = _shuffle(b, w_scale, [k // per for k in range(lanes)])  # each block's d over its lanes
+    weights = _weights(b, family, kind, q, g, plane, nb)
+    spb = scales_per_block(kind)
+    w_scale = b.load(b.bitcast(b.gep(d, [b.mul(g, ir.Constant(I64, spb))]), _vec(F32, nb * spb).as_pointer()),
+                     align=4)  # d[g spb .. (g + nb) spb]
+    w_scale = _shuffle(b, w_scale, [k // (per // spb) for k in range(lanes)])  # each scale over its lanes
     fmuladd = _intrinsic(b.module, "llvm.fmuladd", vf, [vf, vf, vf], overloads=[vf])
     for t, acc in enumerate(accs):
         x_t = b.gep(x, [b.mul(x_stride, ir.Constant(I64, t))])

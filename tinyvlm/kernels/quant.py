@@ -6,12 +6,18 @@ groups of GROUP = 32 values; each group keeps a float16 scale d (and for q4_1 a 
     q4_0  w = d * (q - 8)   q in 0..15    d = (the value of largest magnitude) / -8
     q4_1  w = d * q + m     q in 0..15    d = (max - min) / 15, m = min
     q8_0  w = d * q         q in -127..127 d = max|w| / 127, q rounded half away from zero
-The quantizer works with the float32 d and stores it rounded to float16, exactly as ggml does.
+The quantizer works with the float32 d and stores it rounded to float16, exactly as ggml does. One more kind is
+read from GGUF files only (Q6_K; weights/gguf_quants.q6_k_as_q6_k), never made here:
+    q6_k  w = d * (q - 32)  q in 0..63     d per 16 values: the file's d * (its int8 sub-scale), exact in float32
 
 In-memory layout (what the Numba kernels read; converted from GGUF blocks once, at load):
     qs  q4: uint8 (out, in/2), GGUF in-block order: byte j of group g holds element 32g+j in the low
             nibble and element 32g+j+16 in the high nibble;  q8: int8 (out, in)
-    d   float32 (out, in/32)  the float16 scale, widened
+        q6_k: uint8 (out, 3 in/4), three planes of in/4 bytes a row, 8 bytes a group in each: byte j of group g in
+            plane 0 holds the low 4 bits of element 32g+j (low nibble) and 32g+16+j (high), in plane 1 those of
+            32g+8+j and 32g+24+j, and in plane 2 the top 2 bits of 32g+8k+j at bits 2k..2k+1 (k = 0..3); so
+            every kernel reads the three planes linearly
+    d   float32 (out, in/32)  the float16 scale, widened;  q6_k: (out, in/16)
     m   float32 (out, in/32)  q4_1 only
 Why float32 scales: Numba has no float16 type on the CPU, and the alternative (uint16 bits widened through
 a 65536-entry table, per row into a small buffer) was not faster in the decode kernel on the reference VM
@@ -28,7 +34,8 @@ import numpy as np
 from tinyvlm.errors import WeightsError
 
 GROUP = 32  # weights per block, along `in`
-KINDS = ("q4_0", "q4_1", "q8_0")
+KINDS = ("q4_0", "q4_1", "q8_0")  # what `quantize` makes
+FILE_KINDS = ("q6_k",)  # what only a GGUF file holds
 # GGUF block: float16 d [, float16 m], then the packed values.
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 2 + 2 + 16, "q8_0": 2 + 32}
 
@@ -37,10 +44,10 @@ _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 2 + 2 + 16, "q8_0": 2 + 32}
 class QuantizedMatrix:
     """A linear weight W (out, in) quantized in groups of 32 along `in`; see the module docstring."""
 
-    kind: str  # "q4_0" | "q4_1" | "q8_0"
+    kind: str  # "q4_0" | "q4_1" | "q8_0" | "q6_k"
     shape: tuple[int, int]  # (out, in) of the float matrix it stands for
-    qs: np.ndarray  # q4: uint8 (out, in/2); q8: int8 (out, in)
-    d: np.ndarray  # float32 (out, in/32)
+    qs: np.ndarray  # q4: uint8 (out, in/2); q8: int8 (out, in); q6_k: uint8 (out, 3 in/4)
+    d: np.ndarray  # float32 (out, in/32); q6_k (out, in/16)
     m: np.ndarray | None = None  # float32 (out, in/32), q4_1 only
 
 
@@ -104,9 +111,31 @@ def quantize(w: np.ndarray, kind: str) -> QuantizedMatrix:
         return QuantizedMatrix(kind, (out, n_in), q, _to_f16_f32(d[..., 0]))
 
 
+def q6_values(qs: np.ndarray) -> np.ndarray:
+    """q6_k bytes (out, 3 in/4) -> (out, in/32, 32) values 0..63 in element order."""
+    out = qs.shape[0]
+    low, odd, high = (p.reshape(out, -1, 1, 8) for p in np.split(qs, 3, axis=1))  # (out, G, 1, 8) each
+    nibbles = np.concatenate([low & 15, odd & 15, low >> 4, odd >> 4], axis=2)  # (out, G, k, 8): element 8k + j
+    top = high >> np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 4, 1) & np.uint8(3)  # (out, G, k, 8)
+    return (nibbles | (top << np.uint8(4))).reshape(out, -1, 32)
+
+
+def pack_q6(q: np.ndarray) -> np.ndarray:
+    """(out, G, 32) values 0..63 -> q6_k bytes (out, 24 G); inverse of q6_values."""
+    out = q.shape[0]
+    k = q.reshape(out, -1, 4, 8)  # (out, G, k, 8): element 8k + j
+    low = (k[:, :, 0] & 15) | ((k[:, :, 2] & 15) << 4)  # (out, G, 8)
+    odd = (k[:, :, 1] & 15) | ((k[:, :, 3] & 15) << 4)
+    high = np.bitwise_or.reduce((k >> 4) << np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 4, 1), axis=2)
+    return np.concatenate([p.reshape(out, -1) for p in (low, odd, high)], axis=1)
+
+
 def dequantize(qm: QuantizedMatrix) -> np.ndarray:
     """The float32 matrix (out, in) that qm stands for, with ggml's dequantization arithmetic."""
     out, n_in = qm.shape
+    if qm.kind == "q6_k":  # d per 16 values times (q - 32), as ggml's (d * sc) * q
+        q = (q6_values(qm.qs).astype(np.int8) - np.int8(32)).astype(np.float32)
+        return (qm.d[..., None] * q.reshape(out, -1, 16)).reshape(out, n_in)
     d = qm.d[..., None]  # (out, G, 1)
     if qm.kind == "q8_0":
         w = qm.qs.reshape(out, -1, GROUP).astype(np.float32) * d  # (out, G, 32)
@@ -149,6 +178,8 @@ def _expected_arrays(kind: str, out: int, n_in: int) -> dict[str, tuple[tuple[in
 
 def to_arrays(qm: QuantizedMatrix) -> dict[str, np.ndarray]:
     """The arrays to save for qm (scales as float16, exactly as quantized); inverse of from_arrays."""
+    if qm.kind not in KINDS:  # q6_k's scales are not float16 values
+        raise ValueError(f"a {qm.kind} matrix is read from GGUF files only; it has no tinyvlm file form")
     arrays = {"qs": qm.qs, "d": qm.d.astype(np.float16)}
     if qm.m is not None:
         arrays["m"] = qm.m.astype(np.float16)
@@ -203,9 +234,15 @@ def quantize_activations_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def matvec_int8_ref(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
     """y = W' q8(x): x (in,) quantized by quantize_activations_ref, then each block's integer dot product
     (exact, int64) scaled by d_w d_x, the blocks summed in float64; the offset of q4_0 (q - 8) and q4_1 (m)
-    applied through each block's sum of q_x, as the kernels do (q8_1's block sums). (in,) -> (out,), float32."""
+    applied through each block's sum of q_x, as the kernels do (q8_1's block sums); q6_k's dot products are per
+    16 values, scaled by their own d. (in,) -> (out,), float32."""
     out, n_in = qm.shape
     xq, xd = quantize_activations_ref(x)
+    if qm.kind == "q6_k":  # per 16 values: exact dot, scaled by d16 d_x of its block
+        q = q6_values(qm.qs).astype(np.int64).reshape(out, -1, 16) - 32  # (out, 2G, 16)
+        dots = np.einsum("ohj,hj->oh", q, xq.reshape(-1, 16).astype(np.int64)).astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (qm.d.astype(np.float64) * np.repeat(xd.astype(np.float64), 2) * dots).sum(-1).astype(np.float32)
     xq = xq.reshape(-1, GROUP).astype(np.int64)  # (G, 32)
     q = (qm.qs.reshape(out, -1, GROUP) if qm.kind == "q8_0" else unpack_nibbles(qm.qs)).astype(np.int64)
     dots = np.einsum("ogj,gj->og", q, xq).astype(np.float64)  # (out, G), exact

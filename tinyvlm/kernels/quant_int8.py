@@ -68,10 +68,11 @@ def row_dot_intrinsic(kind: str, family: str = FAMILY, tokens: int = 1):
 
             fn = dot_ir.row_dot(builder.module, kind, family, tokens)
             i8p = dot_ir.I8.as_pointer()
+            blocks = builder.sdiv(width(d_a), context.get_constant(types.intp, dot_ir.scales_per_block(kind)))
             builder.call(fn, [builder.bitcast(pointer(qs_t, qs_a, row, zero), i8p), pointer(d_t, d_a, row, zero),
                               builder.bitcast(pointer(xq_t, xq_a, token, zero), i8p), width(xq_a),
                               pointer(xl_t, xl_a, token, zero), width(xl_a),
-                              pointer(y_t, y_a, token, row), width(y_a), width(d_a)])
+                              pointer(y_t, y_a, token, row), width(y_a), blocks])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -83,6 +84,7 @@ TOKENS = 4  # tokens a weight row is multiplied with per pass over it (prefill):
 ROWS = 16  # rows per parallel work item: a tile of rows meets each tile of tokens while both are in cache
 _dot_q4, _dot_q4_tile = row_dot_intrinsic("q4"), row_dot_intrinsic("q4", tokens=TOKENS)
 _dot_q8, _dot_q8_tile = row_dot_intrinsic("q8_0"), row_dot_intrinsic("q8_0", tokens=TOKENS)
+_dot_q6, _dot_q6_tile = row_dot_intrinsic("q6_k"), row_dot_intrinsic("q6_k", tokens=TOKENS)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -149,24 +151,34 @@ def _matmul_q4(qs: np.ndarray, d: np.ndarray, m: np.ndarray, m_scale: np.float32
 
 
 @numba.njit(parallel=True, fastmath=_FAST, cache=True)
-def _matmul_q8(qs: np.ndarray, d: np.ndarray, xq: np.ndarray, xl: np.ndarray, y: np.ndarray) -> None:
-    """y[t, o] = dot(row o, token t); rows and tokens in tiles as in _matmul_q4."""
+def _matmul_q8(qs: np.ndarray, d: np.ndarray, six_bit: bool, xq: np.ndarray, xl: np.ndarray, y: np.ndarray) -> None:
+    """y[t, o] = dot(row o, token t) of a q8_0 matrix (q6_k's when six_bit); rows and tokens in tiles as in
+    _matmul_q4."""
     n_tokens, out = xq.shape[0], qs.shape[0]
     tiled = n_tokens - n_tokens % TOKENS
     if n_tokens == 1:
         for o in numba.prange(out):
             _prefetch_row(qs, o + PREFETCH_ROWS)
             _prefetch_row(d, o + PREFETCH_ROWS)
-            _dot_q8(qs, d, o, xq, xl, 0, y)
+            if six_bit:
+                _dot_q6(qs, d, o, xq, xl, 0, y)
+            else:
+                _dot_q8(qs, d, o, xq, xl, 0, y)
         return
     for first in numba.prange((out + ROWS - 1) // ROWS):
         rows = range(first * ROWS, min(out, first * ROWS + ROWS))
         for t in range(0, tiled, TOKENS):
             for o in rows:
-                _dot_q8_tile(qs, d, o, xq, xl, t, y)
+                if six_bit:
+                    _dot_q6_tile(qs, d, o, xq, xl, t, y)
+                else:
+                    _dot_q8_tile(qs, d, o, xq, xl, t, y)
         for t in range(tiled, n_tokens):
             for o in rows:
-                _dot_q8(qs, d, o, xq, xl, t, y)
+                if six_bit:
+                    _dot_q6(qs, d, o, xq, xl, t, y)
+                else:
+                    _dot_q8(qs, d, o, xq, xl, t, y)
 
 
 @functools.cache
@@ -202,8 +214,8 @@ def matmul_quantized(qm: QuantizedMatrix, xq: np.ndarray, xl: np.ndarray, xs: np
     """y = q8(x) W'^T for activations already quantized: (T, in) int8 -> (T, out) float32.
     Oracle: quant.matvec_int8_ref per token."""
     y = np.empty((xq.shape[0], qm.shape[0]), dtype=np.float32)
-    if qm.kind == "q8_0":
-        _matmul_q8(qm.qs, qm.d, xq, xl, y)
+    if qm.kind in ("q8_0", "q6_k"):
+        _matmul_q8(qm.qs, qm.d, qm.kind == "q6_k", xq, xl, y)
     else:
         m, m_scale, d_scale, has_offset = _offset_terms(qm)
         _matmul_q4(qm.qs, qm.d, m, m_scale, d_scale, has_offset, xq, xl, xs, y)

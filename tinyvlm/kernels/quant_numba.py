@@ -57,6 +57,9 @@ TILE_ROWS = 512
 # Decode: while row o is multiplied, the cache lines of row o + PREFETCH_ROWS are prefetched. Distances 1 to 4
 # measured the same (5632 x 2048 q4_0, 2 threads: 16.1-16.8 GB/s).
 PREFETCH_ROWS = 2
+_32 = np.float32(32)  # q6_k's offset, subtracted in float32: integer steps in Numba widen to int64 lanes (half as
+# many per vector; 0.27 ns instead of 0.16 per weight in _matvec_q6's loops, one core)
+ROWS_Q6 = 16  # q6_k float32 matvec: rows per parallel work item (one row buffer each)
 
 
 @intrinsic
@@ -127,6 +130,62 @@ def _matvec_q8(qs: np.ndarray, d: np.ndarray, x: np.ndarray, y: np.ndarray) -> N
         for j in range(n_in):
             acc += d[o, j >> 5] * (np.float32(qs[o, j]) * x[j])
         y[o] = acc
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _q6_row(qs: np.ndarray, d: np.ndarray, o: int, scale_low: np.ndarray, scale_high: np.ndarray,
+            w: np.ndarray) -> None:
+    """w (in,) = row o of a q6_k matrix, d16 * (q - 32), in plane order (see column_order); bit-exact with
+    quant.dequantize. Its three byte planes are read linearly, one loop per quarter of the output (elements
+    8k + j of every group), with the scales of the groups' first and second halves expanded per byte."""
+    n = w.shape[0] // 4
+    low, odd, high = qs[o, :n], qs[o, n:2 * n], qs[o, 2 * n:3 * n]  # (in/4,) each
+    _expand_scales(d[o, 0::2], 8, scale_low)
+    _expand_scales(d[o, 1::2], 8, scale_high)
+    w0, w1, w2, w3 = w[:n], w[n:2 * n], w[2 * n:3 * n], w[3 * n:]
+    for i in range(n):
+        w0[i] = scale_low[i] * (np.float32(np.int32((low[i] & 15) | ((high[i] << 4) & 48))) - _32)
+    for i in range(n):
+        w1[i] = scale_low[i] * (np.float32(np.int32((odd[i] & 15) | ((high[i] << 2) & 48))) - _32)
+    for i in range(n):
+        w2[i] = scale_high[i] * (np.float32(np.int32((low[i] >> 4) | (high[i] & 48))) - _32)
+    for i in range(n):
+        w3[i] = scale_high[i] * (np.float32(np.int32((odd[i] >> 4) | ((high[i] >> 2) & 48))) - _32)
+
+
+@numba.njit(parallel=True, fastmath=_FAST, cache=True)
+def _matvec_q6(qs: np.ndarray, d: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """y[o] = row o of dequantize(q6_k) . x, x in plane order: _q6_row's four loops, each multiplying its
+    quarter of x instead of storing (ROWS_Q6 rows per work item, which share the scale buffers)."""
+    out, n = qs.shape[0], x.shape[0] // 4
+    x0, x1, x2, x3 = x[:n], x[n:2 * n], x[2 * n:3 * n], x[3 * n:]
+    for first in numba.prange((out + ROWS_Q6 - 1) // ROWS_Q6):
+        scale_low = np.empty(n, dtype=np.float32)
+        scale_high = np.empty(n, dtype=np.float32)
+        for o in range(first * ROWS_Q6, min(out, first * ROWS_Q6 + ROWS_Q6)):
+            _prefetch_row(qs, o + PREFETCH_ROWS)
+            low, odd, high = qs[o, :n], qs[o, n:2 * n], qs[o, 2 * n:3 * n]  # (in/4,) each
+            _expand_scales(d[o, 0::2], 8, scale_low)
+            _expand_scales(d[o, 1::2], 8, scale_high)
+            acc = np.float32(0)
+            for i in range(n):
+                acc += scale_low[i] * ((np.float32(np.int32((low[i] & 15) | ((high[i] << 4) & 48))) - _32) * x0[i])
+            for i in range(n):
+                acc += scale_low[i] * ((np.float32(np.int32((odd[i] & 15) | ((high[i] << 2) & 48))) - _32) * x1[i])
+            for i in range(n):
+                acc += scale_high[i] * ((np.float32(np.int32((low[i] >> 4) | (high[i] & 48))) - _32) * x2[i])
+            for i in range(n):
+                acc += scale_high[i] * ((np.float32(np.int32((odd[i] >> 4) | ((high[i] >> 2) & 48))) - _32) * x3[i])
+            y[o] = acc
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _dequantize_q6(qs: np.ndarray, d: np.ndarray, row0: int, w: np.ndarray) -> None:
+    """Rows row0 .. row0 + len(w) of a q6_k matrix into w, columns in plane order."""
+    scale_low = np.empty(w.shape[1] // 4, dtype=np.float32)
+    scale_high = np.empty(w.shape[1] // 4, dtype=np.float32)
+    for r in range(w.shape[0]):
+        _q6_row(qs, d, row0 + r, scale_low, scale_high, w[r])
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -218,6 +277,9 @@ def matvec(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
     if qm.kind == "q8_0":
         _matvec_q8(qm.qs, qm.d, x, y)
         return y
+    if qm.kind == "q6_k":
+        _matvec_q6(qm.qs, qm.d, _plane_order(x[None])[0], y)
+        return y
     x_lo = np.empty(n_in // 2, dtype=np.float32)  # (in/2,): the element each byte's low nibble multiplies
     x_hi = np.empty(n_in // 2, dtype=np.float32)  # (in/2,): ... and its high nibble
     x_sum = np.empty(n_in // GROUP, dtype=np.float32)  # (G,)
@@ -231,11 +293,24 @@ def column_order(qm: QuantizedMatrix) -> np.ndarray:
     """The input columns in the order dequantize_rows writes them: (in,) indices into the natural order.
 
     q4: the low nibbles of every byte, then the high nibbles (element 32g+j, then 32g+16+j, for byte 16g+j);
-    q8_0: the natural order. matmul permutes x's columns to match once per call, so that the dequantization
-    loops run linearly over bytes and columns.
+    q6_k: plane order, elements 8k + j of every group for k = 0, 1, 2, 3 in turn; q8_0: the natural order.
+    matmul permutes x's columns to match once per call, so that the dequantization loops run linearly over bytes
+    and columns.
     """
-    columns = np.arange(qm.shape[1])[None]  # (1, in)
-    return (columns if qm.kind == "q8_0" else _nibble_order(columns))[0]
+    return _ordered(np.arange(qm.shape[1])[None], qm.kind)[0]
+
+
+def _ordered(x: np.ndarray, kind: str) -> np.ndarray:
+    """x (T, in) with its columns in column_order for `kind`, C-contiguous."""
+    if kind == "q8_0":
+        return np.ascontiguousarray(x)
+    return _plane_order(x) if kind == "q6_k" else _nibble_order(x)
+
+
+def _plane_order(x: np.ndarray) -> np.ndarray:
+    """x (T, in) in q6_k plane order, a new C-contiguous array: columns 8k + j of every group of 32 for each k."""
+    T, n_in = x.shape
+    return np.ascontiguousarray(x.reshape(T, n_in // GROUP, 4, 8).transpose(0, 2, 1, 3)).reshape(T, n_in)
 
 
 def _nibble_order(x: np.ndarray) -> np.ndarray:
@@ -252,6 +327,8 @@ def dequantize_rows(qm: QuantizedMatrix, row0: int, w: np.ndarray) -> None:
     Oracle: quant.dequantize(qm)[row0:row0 + R][:, column_order(qm)], bit-exact."""
     if qm.kind == "q8_0":
         _dequantize_q8(qm.qs, qm.d, row0, w)
+    elif qm.kind == "q6_k":
+        _dequantize_q6(qm.qs, qm.d, row0, w)
     else:
         m, _ = _offsets(qm)
         _dequantize_q4(qm.qs, qm.d, m, qm.kind == "q4_1", row0, w)
@@ -261,7 +338,7 @@ def matmul(x: np.ndarray, qm: QuantizedMatrix, tile_rows: int = TILE_ROWS) -> np
     """y = x @ dequantize(qm).T: x (T, in) -> (T, out), float32, tile by tile. Oracle: quant.matmul_ref."""
     out, n_in = qm.shape
     x = np.asarray(x, dtype=np.float32)
-    x = np.ascontiguousarray(x) if qm.kind == "q8_0" else _nibble_order(x)  # (T, in) in the tile's column order
+    x = _ordered(x, qm.kind)  # (T, in) in the tile's column order
     y = np.empty((x.shape[0], out), dtype=np.float32)
     tile = np.empty((min(tile_rows, out), n_in), dtype=np.float32)  # (R, in)
     for row0 in range(0, out, tile_rows):

@@ -18,12 +18,13 @@ K-quants, each 64 values share 32 bytes: sub-block 2k takes their low nibbles, s
 
 Q4_K is q4_1 with its group scales and mins quantized against the super-block's d and dmin, so it becomes our q4_1
 exactly (q4_k_as_q4_1: scale d * sc and min -(dmin * mn), the float32 products ggml's dequantizer forms; the nibbles
-re-laid-out), and runs on q4_1's kernels. Q5_K and Q6_K are converted once at load: dequantized, then requantized
-to our q8_0 (tinyvlm.kernels.quant). Measured on Gaussian rows (4096 x 4096, quantized by ggml's own quantizer),
-relative RMS error against the float weights:
-    Q4_K 0.0714   -> q8_0 0.0715   -> q4_1 0.0842   -> q4_0 0.1099   (requantized; q4_k_as_q4_1 adds nothing)
+re-laid-out), and runs on q4_1's kernels. Q6_K becomes our q6_k (q6_k_as_q6_k: the 6-bit values regrouped by 32,
+d * sc per 16 values), which has kernels of its own. Q5_K is converted once at load: dequantized, then requantized to
+our q8_0 (tinyvlm.kernels.quant). Measured on Gaussian rows (4096 x 4096, quantized by ggml's own quantizer),
+relative RMS error against the float weights, had each been requantized:
+    Q4_K 0.0714   -> q8_0 0.0715   -> q4_1 0.0842   -> q4_0 0.1099   (q4_k_as_q4_1 adds nothing)
     Q5_K 0.0361   -> q8_0 0.0365   -> q4_1 0.0845   -> q4_0 0.0934
-    Q6_K 0.0177   -> q8_0 0.0186   -> q4_1 0.0802   -> q4_0 0.0891
+    Q6_K 0.0177   -> q8_0 0.0186   -> q4_1 0.0802   -> q4_0 0.0891   (q6_k_as_q6_k adds nothing)
     (float -> q8_0 0.0054, -> q4_1 0.0782, -> q4_0 0.0859 directly)
 q8_0 keeps a K-quant's accuracy (it adds an error of 0.0053 RMS, its own step) at about 1.9x the bytes of
 Q4_K; q4_0 adds half again to Q4_K's error and q4_1 a sixth.
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, pack_nibbles
+from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, pack_nibbles, pack_q6
 
 QK_K = 256  # values per K-quant super-block
 
@@ -151,19 +152,37 @@ def _q5_k(blocks: np.ndarray) -> np.ndarray:
     return ((d * scales)[..., None] * q - (dmin * mins)[..., None]).reshape(n, QK_K)
 
 
-def _q6_k(blocks: np.ndarray) -> np.ndarray:
-    """Each half (128 values) has 64 low-nibble bytes and 32 high bytes; its 4 runs of 32 values take
-    (low nibbles of bytes 0-31, of 32-63, high nibbles of 0-31, of 32-63) and bit pairs 0, 1, 2, 3 of qh."""
+def _q6_k_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 210) Q6_K blocks -> (q (n, 256) uint8 0..63 in value order, d * sc (n, 16) float32, one per 16 values).
+
+    Each half (128 values) has 64 low-nibble bytes and 32 high bytes; its 4 runs of 32 values take (low nibbles of
+    bytes 0-31, of 32-63, high nibbles of 0-31, of 32-63) and bit pairs 0, 1, 2, 3 of qh."""
     n = blocks.shape[0]
     ql = blocks[:, :128].reshape(n, 2, 1, 2, 32)  # (n, half, 1, bytes 0-31 | 32-63, 32)
     shifts = np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1, 1)
     low = (ql >> shifts & np.uint8(15)).reshape(n, 2, 4, 32)  # (n, half, run, 32)
     qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
     high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)  # (n, 2, 4, 32)
-    q = ((low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)).astype(np.float32)
-    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16): one per 16 values, in order
-    d = _f16(blocks, 208)  # (n, 1)
-    return ((d * scales)[..., None] * q.reshape(n, 16, 16)).reshape(n, QK_K)
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+    return (low | (high << np.uint8(4))).reshape(n, QK_K), _f16(blocks, 208) * scales
+
+
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    q, scales = _q6_k_parts(blocks)
+    values = (q.astype(np.int8) - np.int8(32)).astype(np.float32).reshape(-1, 16, 16)
+    return (scales[..., None] * values).reshape(-1, QK_K)
+
+
+def q6_k_as_q6_k(raw: np.ndarray, shape: tuple[int, int]) -> QuantizedMatrix:
+    """A Q6_K weight (out, in) from its bytes as our q6_k matrix (kernels/quant.py): the same values, re-laid-out
+    in groups of 32, and d * sc per 16 values in float32 (an exact product), so dequantization is bit-exact."""
+    out, n_in = shape
+    t = BY_NAME["Q6_K"]
+    if n_in % t.block_size or raw.dtype != np.uint8 or raw.size != nbytes("Q6_K", out * n_in):
+        raise WeightsError(f"Q6_K data for shape {shape} needs {nbytes('Q6_K', out * n_in)} bytes in blocks of "
+                           f"{t.block_size} inputs, got {raw.size} of dtype {raw.dtype}")
+    q, scales = _q6_k_parts(np.ascontiguousarray(raw).reshape(-1, t.type_size))
+    return QuantizedMatrix("q6_k", (out, n_in), pack_q6(q.reshape(out, -1, GROUP)), scales.reshape(out, -1))
 
 
 def _f32(blocks: np.ndarray) -> np.ndarray:
