@@ -29,7 +29,8 @@ BACKEND_FREE = True  # no model runs here: the GGUF reader, its quant blocks and
 
 QT = gguf.GGMLQuantizationType
 # Byte offsets of the float16 scales in each block type: random bytes there would be inf/NaN scales.
-SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
+                 "Q5_K": (0, 2), "Q6_K": (208,)}
 QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1")  # types gguf.quants can quantize (besides F16, BF16)
 
 
@@ -127,13 +128,24 @@ def test_q6_k_is_our_q6_k_exactly(seed: int) -> None:
     assert np.array_equal(kq.pack_q6(kq.q6_values(qm.qs)), qm.qs)
 
 
-@pytest.mark.parametrize("convert, type_name", [(gguf_quants.q4_k_as_q4_1, "Q4_K"), (gguf_quants.q6_k_as_q6_k, "Q6_K")])
-def test_k_quant_conversions_refuse_wrong_size(convert, type_name: str) -> None:
+@pytest.mark.parametrize("seed", [0, 1])
+def test_q5_0_is_q8_0_exactly(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    raw = random_blocks("Q5_0", 4 * 3, rng)
+    qm = gguf_quants.q5_0_as_q8_0(raw, (4, 96))
+    assert qm.kind == "q8_0" and qm.qs.dtype == np.int8 and qm.qs.shape == (4, 96)
+    expected = gguf.quants.dequantize(raw.reshape(4, -1), QT.Q5_0)
+    assert same_bits(kq.dequantize(qm), expected.astype(np.float32, copy=False))
+
+
+@pytest.mark.parametrize("convert, type_name", [(gguf_quants.q4_k_as_q4_1, "Q4_K"), (gguf_quants.q6_k_as_q6_k, "Q6_K"),
+                                                (gguf_quants.q5_0_as_q8_0, "Q5_0")])
+def test_block_conversions_refuse_wrong_size(convert, type_name: str) -> None:
     size = gguf_quants.BY_NAME[type_name].type_size
     with pytest.raises(WeightsError, match=f"{type_name} data for shape"):
-        convert(np.zeros(size, np.uint8), (1, 128))  # not a whole super-block
+        convert(np.zeros(size, np.uint8), (1, 2 * gguf_quants.BY_NAME[type_name].block_size))  # too few blocks
     with pytest.raises(WeightsError, match=f"{type_name} data for shape"):
-        convert(np.zeros(size - 1, np.uint8), (1, 256))
+        convert(np.zeros(size - 1, np.uint8), (1, gguf_quants.BY_NAME[type_name].block_size))
 
 
 def test_dequantize_refuses_wrong_size() -> None:
@@ -237,7 +249,7 @@ def test_tensors_of_every_type(tmp_path: Path, alignment: int | None) -> None:
         elif type_name == "F32":
             data = rng.standard_normal(shape).astype(np.float32)
         else:
-            data = random_blocks(type_name, 3 * 2, rng).reshape(3, -1)
+            data = random_blocks(type_name, 3 * shape[1] // t.block_size, rng).reshape(3, -1)
         tensors[f"w.{type_name}"] = (data, None if type_name in ("F32", "F16") else QT[type_name])
     tensors["vec"] = (rng.standard_normal(7).astype(np.float32), None)
     tensors["cube"] = (rng.standard_normal((2, 3, 5)).astype(np.float16), None)
@@ -346,8 +358,8 @@ def test_error_messages(tmp_path: Path) -> None:
     assert "big-endian" in error_of(tmp_path, pack_gguf(version=3 << 24))
     assert "cannot map" in error_of(tmp_path, b"")
     assert "unknown ggml type 99" in error_of(tmp_path, pack_gguf(infos=[("w", [32, 2], 99, 0)], data=f32))
-    assert "type Q5_0 (ggml type 6), which tinyvlm does not read" in error_of(
-        tmp_path, pack_gguf(infos=[("w", [32, 2], 6, 0)], data=f32))
+    assert "type Q2_K (ggml type 10), which tinyvlm does not read" in error_of(
+        tmp_path, pack_gguf(infos=[("w", [256, 2], 10, 0)], data=f32))
     assert "'w' appears twice" in error_of(tmp_path, pack_gguf(infos=w * 2, data=f32))
     assert "'k' appears twice" in error_of(tmp_path, pack_gguf(kv_u32("k", 1) * 2, 2))
     assert "runs past the end" in error_of(tmp_path, pack_gguf(infos=w, data=f32[:-1]))

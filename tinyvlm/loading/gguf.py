@@ -2,8 +2,9 @@
 and with it, optionally, llama.cpp's MobileVLM image encoder (an "mmproj" file: CLIP tower and LDP / LDPv2).
 
 LLM. Q4_0 / Q4_1 / Q8_0 / Q6_K matrices feed the quantized kernels as they are (their blocks are only re-laid-out,
-once), and so does Q4_K, as the q4_1 matrix it equals (gguf_quants.q4_k_as_q4_1): a Q4_K_M file loads bit-exact.
-The other quantized kinds (Q5_K) are dequantized and requantized to Q8_0 (quantize.CONVERTED_KIND);
+once), and so do Q4_K and Q5_0, as the q4_1 and q8_0 matrices they equal (gguf_quants.q4_k_as_q4_1,
+q5_0_as_q8_0): a Q4_K_M file loads bit-exact. The other quantized kinds (Q5_1, Q5_K) are dequantized and
+requantized to Q8_0 (quantize.CONVERTED_KIND);
 F32 / F16 / BF16 become float32, or are quantized by `quant` with the same block kinds as every other path
 (quantize.BLOCK_KINDS). The q and k rows that llama.cpp's converter permuted are put back in Hugging Face order (a
 row permutation, so quantized blocks move whole). A tied model (no output.weight) uses the embedding table as its
@@ -36,7 +37,7 @@ from tinyvlm.quantize import CONVERTED_KIND, DIRECT_KINDS, Progress, block_kind
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, vision_needed_names
 from tinyvlm.vlm import VLM
-from tinyvlm.weights.gguf_quants import q4_k_as_q4_1, q6_k_as_q6_k
+from tinyvlm.weights.gguf_quants import q4_k_as_q4_1, q5_0_as_q8_0, q6_k_as_q6_k
 from tinyvlm.weights.checked import check_layer_count, check_tensors, listing
 from tinyvlm.weights.gguf import GGUFTensor, read_gguf, to_float32
 from tinyvlm.weights.names import hf_name, mmproj_name, unpermute_qk, unsqueeze
@@ -76,6 +77,8 @@ def _matrix(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | Qu
         return q4_k_as_q4_1(tensor.raw, tensor.shape)  # type: ignore[arg-type]
     if tensor.type_name == "Q6_K":
         return q6_k_as_q6_k(tensor.raw, tensor.shape)  # type: ignore[arg-type]
+    if tensor.type_name == "Q5_0":
+        return q5_0_as_q8_0(tensor.raw, tensor.shape)  # type: ignore[arg-type]
     w = to_float32(tensor)
     if w.shape[1] % GROUP:
         return w

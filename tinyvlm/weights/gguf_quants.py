@@ -8,6 +8,8 @@ A type is a block of `block_size` values stored in `type_size` bytes; all scales
     Q8_0  34 B / 32    d, 32 x int8                         w = d * q
     Q4_0  18 B / 32    d, 16 bytes of nibbles               w = d * (q - 8)
     Q4_1  20 B / 32    d, m, 16 bytes of nibbles            w = d * q + m
+    Q5_0  22 B / 32    d, 4 B of fifth bits, 16 B of nibbles  w = d * (q - 16)   (llama.cpp's fallback in K-quant
+    Q5_1  24 B / 32    d, m, 4 B of fifth bits, 16 B nibbles  w = d * q + m       files for rows not of 256)
     Q4_K 144 B / 256   d, dmin, 12 B of 6-bit (scale, min) for 8 sub-blocks of 32, 128 B of nibbles
                                                             w = (d * sc) * q - (dmin * mn)
     Q5_K 176 B / 256   as Q4_K plus 32 B holding the fifth bit of each value
@@ -20,7 +22,7 @@ Q4_K is q4_1 with its group scales and mins quantized against the super-block's 
 exactly (q4_k_as_q4_1: scale d * sc and min -(dmin * mn), the float32 products ggml's dequantizer forms; the nibbles
 re-laid-out), and runs on q4_1's kernels. Q6_K becomes our q6_k (q6_k_as_q6_k: the 6-bit values regrouped by 32,
 d * sc per 16 values), which has kernels of its own. Q5_K is converted once at load: dequantized, then requantized to
-our q8_0 (tinyvlm.kernels.quant). Measured on Gaussian rows (4096 x 4096, quantized by ggml's own quantizer),
+our q8_0 (tinyvlm.kernels.quant), as is Q5_1; Q5_0 is q8_0 exactly (q5_0_as_q8_0). Measured on Gaussian rows (4096 x 4096, quantized by ggml's own quantizer),
 relative RMS error against the float weights, had each been requantized:
     Q4_K 0.0714   -> q8_0 0.0715   -> q4_1 0.0842   -> q4_0 0.1099   (q4_k_as_q4_1 adds nothing)
     Q5_K 0.0361   -> q8_0 0.0365   -> q4_1 0.0845   -> q4_0 0.0934
@@ -60,6 +62,8 @@ SUPPORTED = {
         GGMLType("F16", 1, 1, 2),
         GGMLType("Q4_0", 2, 32, 2 + 16),
         GGMLType("Q4_1", 3, 32, 2 + 2 + 16),
+        GGMLType("Q5_0", 6, 32, 2 + 4 + 16),
+        GGMLType("Q5_1", 7, 32, 2 + 2 + 4 + 16),
         GGMLType("Q8_0", 8, 32, 2 + 32),
         GGMLType("Q4_K", 12, QK_K, 2 + 2 + 12 + QK_K // 2),
         GGMLType("Q5_K", 13, QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
@@ -71,7 +75,7 @@ BY_NAME = {t.name: t for t in SUPPORTED.values()}
 
 # Names of the other ggml_type ids, so that an error can say what a file holds instead of a bare number.
 OTHER_TYPE_NAMES = {
-    6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+    9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
     18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
     26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
 }
@@ -116,6 +120,39 @@ def _q4_0(blocks: np.ndarray) -> np.ndarray:
 def _q4_1(blocks: np.ndarray) -> np.ndarray:
     d, m = _f16(blocks, 0), _f16(blocks, 2)
     q = _nibbles(blocks[:, 4:], 16).reshape(-1, 32)  # (n, 32)
+    return d * q.astype(np.float32) + m
+
+
+def _fifth_bits(blocks: np.ndarray, start: int) -> np.ndarray:
+    """Q5_0 / Q5_1: the little-endian 32-bit word at byte `start` holds bit 4 of value i at bit i: (n, 32) 0 or 16."""
+    qh = np.ascontiguousarray(blocks[:, start:start + 4]).view("<u4")  # (n, 1)
+    return ((qh >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).astype(np.uint8) << np.uint8(4)
+
+
+def _q5_0(blocks: np.ndarray) -> np.ndarray:
+    d = _f16(blocks, 0)
+    q = _nibbles(blocks[:, 6:], 16).reshape(-1, 32) | _fifth_bits(blocks, 2)  # (n, 32)
+    return d * (q.astype(np.int8) - np.int8(16)).astype(np.float32)
+
+
+def q5_0_as_q8_0(raw: np.ndarray, shape: tuple[int, int]) -> QuantizedMatrix:
+    """A Q5_0 weight (out, in) from its bytes as the q8_0 matrix equal to it: the values q - 16 fit int8, and d is
+    the same float16, so dequantization is bit-exact (Q5_0 is what llama.cpp's K-quant files hold for rows whose
+    length is not a multiple of 256)."""
+    out, n_in = shape
+    t = BY_NAME["Q5_0"]
+    if n_in % t.block_size or raw.dtype != np.uint8 or raw.size != nbytes("Q5_0", out * n_in):
+        raise WeightsError(f"Q5_0 data for shape {shape} needs {nbytes('Q5_0', out * n_in)} bytes in blocks of "
+                           f"{t.block_size} inputs, got {raw.size} of dtype {raw.dtype}")
+    blocks = np.ascontiguousarray(raw).reshape(-1, t.type_size)  # (out * in/32, 22)
+    q = _nibbles(blocks[:, 6:], 16).reshape(-1, 32) | _fifth_bits(blocks, 2)  # (n, 32) 0..31
+    values = (q.astype(np.int8) - np.int8(16)).reshape(out, n_in)
+    return QuantizedMatrix("q8_0", (out, n_in), values, _f16(blocks, 0).reshape(out, -1))
+
+
+def _q5_1(blocks: np.ndarray) -> np.ndarray:
+    d, m = _f16(blocks, 0), _f16(blocks, 2)
+    q = _nibbles(blocks[:, 8:], 16).reshape(-1, 32) | _fifth_bits(blocks, 4)  # (n, 32)
     return d * q.astype(np.float32) + m
 
 
@@ -199,7 +236,7 @@ def _bf16(blocks: np.ndarray) -> np.ndarray:
 
 
 _DEQUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "F32": _f32, "F16": _f16_values, "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1,
+    "F32": _f32, "F16": _f16_values, "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
     "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
 
