@@ -58,6 +58,15 @@ def test_make_names_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         backends.make()
     monkeypatch.setenv("TINYVLM_DECODE_ACTIVATIONS", "float32")
     assert backends.make().decode_activations == "float32"
+    assert backends.make().vision_weights == "float32"
+    assert backends.make("numba", vision_weights="int8").vision_weights == "int8"
+    with pytest.raises(TinyVLMError, match="unknown vision weights 'int4'; expected one of float32, int8"):
+        backends.make(vision_weights="int4")
+    monkeypatch.setenv("TINYVLM_VISION_WEIGHTS", "fp16")
+    with pytest.raises(TinyVLMError, match="'fp16' from TINYVLM_VISION_WEIGHTS; expected one of float32, int8"):
+        backends.make()
+    monkeypatch.setenv("TINYVLM_VISION_WEIGHTS", "int8")
+    assert backends.make().vision_weights == "int8"
 
 
 def test_without_numba_the_default_is_numpy(monkeypatch: pytest.MonkeyPatch) -> None:

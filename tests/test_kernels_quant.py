@@ -261,7 +261,7 @@ def test_pack_together_keeps_values_in_one_aligned_buffer() -> None:
     mats = [quant.quantize(make_weight("normal", out, n_in, seed=out), kind)
             for out, n_in, kind in ((3, 64, "q4_0"), (5, 32, "q4_1"), (7, 96, "q8_0"), (1, 32, "q4_1"))]
     mats.append(random_q6_k(4, 64, np.random.default_rng(0)))
-    packed = quant.pack_together(mats)
+    packed = quant.pack_together([[qm] for qm in mats])
     assert len(packed) == len(mats)
     arrays = [a for qm in packed for a in (qm.qs, qm.d, qm.m) if a is not None]
     assert len({id(a.base) for a in arrays}) == 1  # views of one buffer
@@ -270,3 +270,11 @@ def test_pack_together_keeps_values_in_one_aligned_buffer() -> None:
     for old, new in zip(mats, packed):
         assert (new.kind, new.shape) == (old.kind, old.shape)
         assert np.array_equal(bits(quant.dequantize(new)), bits(quant.dequantize(old)))
+    copied: list[np.ndarray] = []
+    q, k = mats[1], quant.quantize(make_weight("normal", 2, 32, seed=9), "q4_1")
+    (stacked,) = quant.pack_together([[q, k]], copied.append)  # rows stacked, as q, k and v are
+    assert stacked.shape == (7, 32) and len(copied) == 6  # qs, d and m of both
+    assert np.array_equal(bits(quant.dequantize(stacked)),
+                          bits(np.concatenate([quant.dequantize(q), quant.dequantize(k)])))
+    with pytest.raises(ValueError, match="one kind and one input width"):
+        quant.pack_together([[mats[0], mats[1]]])

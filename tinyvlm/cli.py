@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--threads", type=int, help="threads for the Numba kernels (default: all cores)")
     chat.add_argument("--decode-activations", choices=["int8", "float32"],
                       help="one token's activations before a quantized matrix (default: int8, as llama.cpp)")
+    chat.add_argument("--vision-weights", choices=["float32", "int8"],
+                      help="the vision tower's linear weights (default: float32; int8: a quarter of the memory)")
     chat.add_argument("--verbose", action="store_true", help="print timings and peak memory")
 
     quantize = sub.add_parser("quantize", help="write a quantized copy of a model that loads by memory map")
@@ -124,7 +126,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     vlm = load(args.model or _default_model(), quant=args.quant, backend=args.backend, threads=args.threads,
                vision_tower=args.vision_tower, progress=True, mmproj=args.mmproj,
-               decode_activations=args.decode_activations)
+               decode_activations=args.decode_activations, vision_weights=args.vision_weights)
     if vlm.quant_report is not None:
         print(f"quantized {vlm.quant_report}", file=sys.stderr)
     if image is not None and vlm.vision is None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from tinyvlm.backends import Array, Backend
 from tinyvlm.config import VisionConfig
 from tinyvlm.errors import ImageError
-from tinyvlm.weights.checked import read_checked
+from tinyvlm.weights.checked import check_shapes, read_checked
 from tinyvlm.weights.names import CLIP_EMBEDDINGS as _EMB
 from tinyvlm.weights.names import CLIP_LAYER as _LAYER
 
@@ -78,11 +78,14 @@ def vision_needed_names(cfg: VisionConfig) -> set[str]:
 
 
 class _Layer:
-    """One pre-LN encoder layer's weights as (weight, bias) pairs in the backend (linear weights are [out, in])."""
+    """One pre-LN encoder layer's weights as (weight, bias) pairs in the backend (linear weights are [out, in],
+    float32 or q8_0 blocks: the backend's vision_weights)."""
 
     def __init__(self, w: Mapping[str, Array], prefix: str, backend: Backend) -> None:
         pair = {name: (backend.dense(w[f"{prefix}{name}.weight"]), backend.dense(w[f"{prefix}{name}.bias"]))
-                for name in _NORMS + _LINEARS}
+                for name in _NORMS}
+        pair.update({name: (backend.vision_matrix(w[f"{prefix}{name}.weight"]),
+                            backend.dense(w[f"{prefix}{name}.bias"])) for name in _LINEARS})
         self.ln1, self.ln2 = pair["layer_norm1"], pair["layer_norm2"]
         self.q, self.k, self.v = pair["self_attn.q_proj"], pair["self_attn.k_proj"], pair["self_attn.v_proj"]
         self.o, self.fc1, self.fc2 = pair["self_attn.out_proj"], pair["mlp.fc1"], pair["mlp.fc2"]
@@ -110,14 +113,18 @@ class VisionTower:
 
     def __init__(self, cfg: VisionConfig, weights: Mapping[str, Array], backend: Backend) -> None:
         self.cfg, self.bk = cfg, backend
-        w = read_checked(weights, _needed_shapes(cfg), "vision tower")
+        check_shapes(weights, _needed_shapes(cfg), "vision tower")  # every shape, before anything is converted
+        w = read_checked(weights, _stem_shapes(cfg), "vision tower")
         C, p = cfg.hidden_size, cfg.patch_size
         self.patch_w = backend.dense(w[_EMB + "patch_embedding.weight"].reshape(C, 3 * p * p))  # conv as [C, 3*p*p]
         self.cls = backend.dense(w[_EMB + "class_embedding"][None, :])  # (1, C)
         self.pos = backend.dense(w[_EMB + "position_embedding.weight"])  # (P+1, C)
         self.pre_ln = (backend.dense(w["vision_model.pre_layrnorm.weight"]),
                        backend.dense(w["vision_model.pre_layrnorm.bias"]))
-        self.layers = [_Layer(w, _LAYER.format(j=j), backend) for j in range(cfg.layers_to_run)]
+        # Layer by layer: a file's float16 weights become float32 (and maybe q8_0) one layer at a time, never all
+        # at once (ViT-L/14: 1.2 GB of float32 that int8 vision weights would hold for a moment only).
+        self.layers = [_Layer(read_checked(weights, _layer_shapes(cfg, j), f"vision tower layer {j}"),
+                              _LAYER.format(j=j), backend) for j in range(cfg.layers_to_run)]
 
     def embed(self, pixels: Array) -> Array:
         """Patch conv as a matmul, CLS, positions, pre_layrnorm: [3, H, W] -> hidden_states[0] [P+1, C]."""

@@ -27,14 +27,16 @@ from tinyvlm.backends.numpy import NumpyBackend, Weight
 from tinyvlm.errors import TinyVLMError
 from tinyvlm.kernels import _numba, quant
 from tinyvlm.kernels.quant import QuantizedMatrix
+from tinyvlm.weights.pages import release
 
 
 class NumbaBackend(NumpyBackend):
     name = "numba"
     compiles = True
 
-    def __init__(self, threads: int | None = None, decode_activations: str = "int8") -> None:
-        super().__init__(threads, decode_activations)
+    def __init__(self, threads: int | None = None, decode_activations: str = "int8",
+                 vision_weights: str = "float32") -> None:
+        super().__init__(threads, decode_activations, vision_weights)
         if not _numba.available():
             raise TinyVLMError(f"the numba backend is unavailable: {_numba.why_unavailable()}; use the numpy backend")
         if threads is not None:
@@ -55,21 +57,27 @@ class NumbaBackend(NumpyBackend):
     # ---------------------------------------------------------------- weights
 
     def linears(self, groups: Sequence[Sequence[Weight]]) -> list[list[Weight]]:
-        prepared = [self._fuse(group) for group in super().linears(groups)]
-        mats = [w for group in prepared for w in group if isinstance(w, QuantizedMatrix)]
-        self._numba_decode_attention = bool(mats)
-        if not mats:
+        prepared = super().linears(groups)
+        packs = [[group] if self._fusable(group) else [[w] for w in group if isinstance(w, QuantizedMatrix)]
+                 for group in prepared]  # group -> the lists of matrices that become one packed matrix each
+        flat = [pack for group_packs in packs for pack in group_packs]
+        self._numba_decode_attention = bool(flat)
+        if not flat:
             return prepared
-        packed = dict(zip(map(id, mats), quant.pack_together(mats)))  # id(old) -> its copy in the buffer
-        return [[packed.get(id(w), w) for w in group] for group in prepared]
+        packed = iter(quant.pack_together(flat, release))  # the file pages each weight came from are given back
+        result = []
+        for group, group_packs in zip(prepared, packs):
+            if group_packs and len(group_packs[0]) > 1:  # the group stacked into one matrix
+                result.append([next(packed)])
+            else:
+                result.append([next(packed) if isinstance(w, QuantizedMatrix) else w for w in group])
+        return result
 
     @staticmethod
-    def _fuse(group: list[Weight]) -> list[Weight]:
-        """The group stacked into one matrix when every member is quantized with the same kind and width."""
-        if len(group) > 1 and all(isinstance(w, QuantizedMatrix) for w in group) \
-                and len({(w.kind, w.shape[1]) for w in group}) == 1:
-            return [quant.concat_rows(group)]  # type: ignore[arg-type]
-        return group
+    def _fusable(group: list[Weight]) -> bool:
+        """Whether the group becomes one stacked matrix: every member quantized with the same kind and width."""
+        return len(group) > 1 and all(isinstance(w, QuantizedMatrix) for w in group) \
+            and len({(w.kind, w.shape[1]) for w in group}) == 1  # type: ignore[union-attr]
 
     # ---------------------------------------------------------------- linear layers
 

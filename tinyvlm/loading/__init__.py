@@ -20,7 +20,8 @@ from tinyvlm.vlm import VLM
 
 def load(path_or_repo_id: str | Path, *, quant: str | None = None, backend: str | None = None,
          threads: int | None = None, vision_tower: str | Path | None = None, progress: Progress | bool | None = None,
-         mmproj: str | Path | None = None, decode_activations: str | None = None) -> VLM:
+         mmproj: str | Path | None = None, decode_activations: str | None = None,
+         vision_weights: str | None = None) -> VLM:
     """Load a MobileVLM (V1 or V2), a text-only MobileLLaMA / LLaMA checkpoint, or a llama.cpp GGUF LLM.
 
     `path_or_repo_id`: a directory, an id such as `mtgv/MobileVLM_V2-1.7B` found in the Hugging Face cache, or an
@@ -30,11 +31,13 @@ def load(path_or_repo_id: str | Path, *, quant: str | None = None, backend: str 
     directory or id to use instead of the one the config names. `progress`: True for a console bar on stderr, or a
     callback(done, total). `mmproj`: with an LLM GGUF file, llama.cpp's image encoder file of the same model.
     `decode_activations`: "int8" (default, or $TINYVLM_DECODE_ACTIVATIONS) quantizes one token's activations before
-    each quantized matrix, for integer dot products; "float32" keeps them in float.
+    each quantized matrix, for integer dot products; "float32" keeps them in float. `vision_weights`: "float32"
+    (default, or $TINYVLM_VISION_WEIGHTS) or "int8", the vision tower's linear weights as q8_0 blocks (a quarter of
+    the memory; its error against float32: tests/test_vision_int8.py).
     A backend that compiles its kernels compiles them here (or loads them from its cache), not at the first answer.
     """
     check_quant(quant)
-    bk = backends.make(backend, threads, decode_activations)
+    bk = backends.make(backend, threads, decode_activations, vision_weights)
     report: Progress | None = console_progress if progress is True else (progress or None)
     if is_gguf(path_or_repo_id):
         vlm = load_gguf(path_or_repo_id, quant, bk, report, mmproj)

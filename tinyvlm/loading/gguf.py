@@ -37,10 +37,11 @@ from tinyvlm.quantize import CONVERTED_KIND, DIRECT_KINDS, Progress, block_kind
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, vision_needed_names
 from tinyvlm.vlm import VLM
-from tinyvlm.weights.gguf_quants import q4_k_as_q4_1, q5_0_as_q8_0, q6_k_as_q6_k
 from tinyvlm.weights.checked import check_layer_count, check_tensors, listing
 from tinyvlm.weights.gguf import GGUFTensor, read_gguf, to_float32
+from tinyvlm.weights.gguf_quants import q4_k_as_q4_1, q5_0_as_q8_0, q6_k_as_q6_k
 from tinyvlm.weights.names import hf_name, mmproj_name, unpermute_qk, unsqueeze
+from tinyvlm.weights.pages import release
 from tinyvlm.weights.store import file_kind
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -69,8 +70,15 @@ def _rows_permuted(qm: QuantizedMatrix, order: np.ndarray) -> QuantizedMatrix:
 
 
 def _matrix(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
-    """The 2-D weight `name` (ours) for the kernels: direct kinds as stored, other quantized kinds converted,
-    floats as float32 unless `quant` asks for blocks."""
+    """The 2-D weight `name` (ours) for the kernels (see _convert); the file pages it was copied from are given
+    back (weights/pages.py)."""
+    w = _convert(tensor, name, quant)
+    release(tensor.raw, *((w.qs, w.d, w.m) if isinstance(w, QuantizedMatrix) else (w,)))
+    return w
+
+
+def _convert(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
+    """Direct kinds as stored, other quantized kinds converted, floats as float32 unless `quant` asks for blocks."""
     if tensor.type_name.lower() in DIRECT_KINDS:
         return to_quantized(tensor)
     if tensor.type_name == "Q4_K":

@@ -51,6 +51,14 @@ def read_checked(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, .
     return w
 
 
+def check_shapes(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """read_checked's check without reading anything when `weights` can tell a tensor's shape (a `shape(name)`
+    method, as store.StoreView has): for a caller that then reads the tensors a few at a time."""
+    shape_of = getattr(weights, "shape", None)
+    shapes = {n: tuple(shape_of(n) if callable(shape_of) else weights[n].shape) for n in expected if n in weights}
+    check_tensors(shapes, expected, f"{what} weights")
+
+
 def check_layer_count(names: Iterable[str], pattern: str, count: int, what: str, where: str) -> None:
     """The layers the tensor `names` hold (their numbers, group 1 of `pattern`) must be exactly 0 .. count - 1: a
     WeightsError naming `what` says otherwise. Run before anything is built per layer from a count in a header.

@@ -28,6 +28,7 @@ import numpy as np
 from tinyvlm.errors import WeightsError
 from tinyvlm.limits import MAX_ARRAY_ITEMS, MAX_ELEMENTS, MAX_TENSORS, MAX_NESTING, elements, short
 from tinyvlm.weights import gguf_quants
+from tinyvlm.weights.pages import release
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -213,4 +214,6 @@ def to_float32(tensor: GGUFTensor) -> np.ndarray:
     """The tensor as float32 in our shape: a read-only view for F32, dequantized (a new array) otherwise."""
     if tensor.type_name == "F32":
         return tensor.raw.view(np.float32).reshape(tensor.shape)
-    return gguf_quants.dequantize(tensor.raw, tensor.type_name, tensor.shape)
+    values = gguf_quants.dequantize(tensor.raw, tensor.type_name, tensor.shape)
+    release(tensor.raw)  # the file's pages: copied (weights/pages.py)
+    return values

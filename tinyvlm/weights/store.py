@@ -17,6 +17,7 @@ from tinyvlm.errors import ModelNotFound, WeightsError
 from tinyvlm.limits import read_json_object, short
 from tinyvlm.weights.checked import check_tensors
 from tinyvlm.weights.gguf import MAGIC as GGUF_MAGIC
+from tinyvlm.weights.pages import release
 from tinyvlm.weights.safetensors import FLOAT_TAGS, RawTensor, read_safetensors_with_metadata
 from tinyvlm.weights.torch_bin import ZIP_MAGIC, read_torch_bin
 
@@ -85,11 +86,14 @@ class TensorStore:
             # scalar there, which cannot be viewed as float32)
             bits = raw.data.astype(np.uint32, order="C")
             np.left_shift(bits, np.uint32(16), out=bits)
+            release(raw.data)  # the file's pages: copied (weights/pages.py)
             return bits.view(np.float32)
         if raw.dtype in FLOAT_TAGS:
             if raw.data.dtype == np.float32 and raw.data.flags.c_contiguous:
                 return raw.data
-            return raw.data.astype(np.float32, order="C")
+            converted = raw.data.astype(np.float32, order="C")
+            release(raw.data)
+            return converted
         return np.ascontiguousarray(raw.data)
 
     def weight(self, name: str) -> np.ndarray:
@@ -136,6 +140,12 @@ class StoreView(Mapping[str, np.ndarray]):
         if self.on_read is not None:
             self.on_read()
         return self.store.weight(self.prefix + name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file's header: nothing is read (weights/checked.check_shapes)."""
+        if name not in self.names:
+            raise KeyError(name)
+        return self.store.shape(self.prefix + name)
 
     def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
         return name in self.names
