@@ -56,7 +56,7 @@ def make_weight(pattern: str, out: int, n_in: int, seed: int) -> np.ndarray:
 
 def random_q6_k(out: int, n_in: int, rng: np.random.Generator, scale: float = 1.0) -> QuantizedMatrix:
     """A q6_k matrix (the GGUF-only kind) of random values 0..63 and per-16 scales d * sc, d a float16 and sc an
-    int8 as in a Q6_K file (weights/gguf_quants.q6_k_as_q6_k; tests/test_weights_gguf.py checks that conversion)."""
+    int8 as in a Q6_K file (quant.from_gguf_tensor; tests/test_weights_gguf.py checks that conversion)."""
     q = rng.integers(0, 64, size=(out, n_in // GROUP, GROUP), dtype=np.uint8)
     d = (rng.standard_normal((out, n_in // 16)) * scale / 1400).astype(np.float16).astype(np.float32)
     sc = rng.integers(-128, 128, d.shape).astype(np.float32)

@@ -109,7 +109,7 @@ def test_q4_k_is_q4_1_exactly(seed: int) -> None:
     rng = np.random.default_rng(seed)
     rows, n_in = 4, 3 * 256
     raw = random_blocks("Q4_K", rows * n_in // 256, rng)
-    qm = gguf_quants.q4_k_as_q4_1(raw, (rows, n_in))
+    qm = kq.from_gguf_tensor("Q4_K", raw, (rows, n_in))
     assert qm.kind == "q4_1" and qm.shape == (rows, n_in) and qm.qs.shape == (rows, n_in // 2)
     expected = gguf.quants.dequantize(raw.reshape(rows, -1), QT.Q4_K)
     assert same_bits(kq.dequantize(qm), expected.astype(np.float32, copy=False))
@@ -121,7 +121,7 @@ def test_q6_k_is_our_q6_k_exactly(seed: int) -> None:
     rng = np.random.default_rng(seed)
     rows, n_in = 4, 3 * 256
     raw = random_blocks("Q6_K", rows * n_in // 256, rng)
-    qm = gguf_quants.q6_k_as_q6_k(raw, (rows, n_in))
+    qm = kq.from_gguf_tensor("Q6_K", raw, (rows, n_in))
     assert qm.kind == "q6_k" and qm.qs.shape == (rows, n_in * 3 // 4) and qm.d.shape == (rows, n_in // 16)
     expected = gguf.quants.dequantize(raw.reshape(rows, -1), QT.Q6_K)
     assert same_bits(kq.dequantize(qm), expected.astype(np.float32, copy=False))
@@ -132,20 +132,19 @@ def test_q6_k_is_our_q6_k_exactly(seed: int) -> None:
 def test_q5_0_is_q8_0_exactly(seed: int) -> None:
     rng = np.random.default_rng(seed)
     raw = random_blocks("Q5_0", 4 * 3, rng)
-    qm = gguf_quants.q5_0_as_q8_0(raw, (4, 96))
+    qm = kq.from_gguf_tensor("Q5_0", raw, (4, 96))
     assert qm.kind == "q8_0" and qm.qs.dtype == np.int8 and qm.qs.shape == (4, 96)
     expected = gguf.quants.dequantize(raw.reshape(4, -1), QT.Q5_0)
     assert same_bits(kq.dequantize(qm), expected.astype(np.float32, copy=False))
 
 
-@pytest.mark.parametrize("convert, type_name", [(gguf_quants.q4_k_as_q4_1, "Q4_K"), (gguf_quants.q6_k_as_q6_k, "Q6_K"),
-                                                (gguf_quants.q5_0_as_q8_0, "Q5_0")])
-def test_block_conversions_refuse_wrong_size(convert, type_name: str) -> None:
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0"])
+def test_block_conversions_refuse_wrong_size(type_name: str) -> None:
     size = gguf_quants.BY_NAME[type_name].type_size
     with pytest.raises(WeightsError, match=f"{type_name} data for shape"):
-        convert(np.zeros(size, np.uint8), (1, 2 * gguf_quants.BY_NAME[type_name].block_size))  # too few blocks
+        kq.from_gguf_tensor(type_name, np.zeros(size, np.uint8), (1, 2 * gguf_quants.BY_NAME[type_name].block_size))
     with pytest.raises(WeightsError, match=f"{type_name} data for shape"):
-        convert(np.zeros(size - 1, np.uint8), (1, gguf_quants.BY_NAME[type_name].block_size))
+        kq.from_gguf_tensor(type_name, np.zeros(size - 1, np.uint8), (1, gguf_quants.BY_NAME[type_name].block_size))
 
 
 def test_dequantize_refuses_wrong_size() -> None:

@@ -33,10 +33,8 @@ QUANTS = ("int4", "int8")
 # The one table of block kinds, for every path that quantizes (a checkpoint at load, `quantize`, a GGUF's float
 # matrices): quant -> the kind of the decoder's linear layers and of the lm_head.
 BLOCK_KINDS = {"int4": {"layers": "q4_0", "lm_head": "q8_0"}, "int8": {"layers": "q8_0", "lm_head": "q8_0"}}
-# GGUF block kinds the kernels read as they are (and Q6_K, as kernels/quant.py's q6_k); Q4_K becomes the q4_1
-# matrix it equals, and any other quantized kind (Q5_K) is converted to CONVERTED_KIND, which keeps its accuracy
-# (tinyvlm/weights/gguf_quants.py).
-DIRECT_KINDS = ("q4_0", "q4_1", "q8_0")
+# A GGUF file's quantized kinds other than kernels/quant.EXACT_GGUF_TYPES (Q5_1, Q5_K) are converted to
+# CONVERTED_KIND, which keeps their accuracy (tinyvlm/weights/gguf_quants.py).
 CONVERTED_KIND = "q8_0"
 LINEAR_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -81,10 +81,10 @@ class NumbaBackend(NumpyBackend):
 
     # ---------------------------------------------------------------- linear layers
 
-    def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix) -> np.ndarray:
+    def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix, out: np.ndarray | None = None) -> np.ndarray:
         if self._quant_int8 is not None and (x.ndim == 1 or x.shape[0] <= self.short_input_tokens):  # integers
             return self._quant_int8.matmul(np.atleast_2d(x), w).reshape(*x.shape[:-1], -1)
-        return self._quant.linear(x, w)
+        return self._quant.linear(x, w, out)
 
     def swiglu(self, x: np.ndarray, gate_up: Sequence[Weight]) -> np.ndarray:
         if len(gate_up) == 1:  # gate and up stacked: one (T, 2F) output, activated into its gate half

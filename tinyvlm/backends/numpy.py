@@ -110,8 +110,8 @@ class NumpyBackend:
                out: np.ndarray | None = None) -> np.ndarray:
         """x @ w.T (+ bias) for x (T, in) or (in,) and w (out, in); into `out` (T, out) when given."""
         if isinstance(w, QuantizedMatrix):
-            y = self._quantized_linear(x, w)
-            if out is not None:
+            y = self._quantized_linear(x, w, out)
+            if out is not None and y is not out:
                 out[...] = y
                 y = out
         else:
@@ -120,9 +120,9 @@ class NumpyBackend:
             y += bias
         return y
 
-    def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix) -> np.ndarray:
+    def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix, out: np.ndarray | None = None) -> np.ndarray:
         """x @ dequantize(w).T for x (T, in) or (in,); each token's x quantized to int8 first with int8 activations
-        and T <= INT8_MAX_TOKENS."""
+        and T <= INT8_MAX_TOKENS. A backend may write the result into `out` (T, out) and return it."""
         if self.decode_activations == "int8" and (x.ndim == 1 or x.shape[0] <= self.short_input_tokens):
             return np.stack([quant.matvec_int8_ref(w, row) for row in np.atleast_2d(x)]).reshape(*x.shape[:-1], -1)
         return quant.matvec_ref(w, x) if x.ndim == 1 else quant.matmul_ref(x, w)

@@ -7,7 +7,7 @@ groups of GROUP = 32 values; each group keeps a float16 scale d (and for q4_1 a 
     q4_1  w = d * q + m     q in 0..15    d = (max - min) / 15, m = min
     q8_0  w = d * q         q in -127..127 d = max|w| / 127, q rounded half away from zero
 The quantizer works with the float32 d and stores it rounded to float16, exactly as ggml does. One more kind is
-read from GGUF files only (Q6_K; weights/gguf_quants.q6_k_as_q6_k), never made here:
+read from GGUF files only (Q6_K: from_gguf_tensor), never made here:
     q6_k  w = d * (q - 32)  q in 0..63     d per 16 values: the file's d * (its int8 sub-scale), exact in float32
 
 In-memory layout (what the Numba kernels read; converted from GGUF blocks once, at load):
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinyvlm.errors import WeightsError
+from tinyvlm.weights import gguf_quants
 
 GROUP = 32  # weights per block, along `in`
 KINDS = ("q4_0", "q4_1", "q8_0")  # what `quantize` makes
@@ -166,6 +167,25 @@ def from_gguf_blocks(kind: str, raw: bytes | np.ndarray, shape: tuple[int, int])
     if kind == "q4_0":
         return QuantizedMatrix(kind, (out, n_in), blocks[..., 2:].reshape(out, n_in // 2), d)
     return QuantizedMatrix(kind, (out, n_in), blocks[..., 2:].reshape(out, n_in).view(np.int8), d)
+
+
+EXACT_GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q6_K")  # each becomes a matrix that equals it
+
+
+def from_gguf_tensor(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> QuantizedMatrix:
+    """A GGUF tensor of one of EXACT_GGUF_TYPES (raw: its uint8 bytes) as the matrix equal to it: Q4_0 / Q4_1 /
+    Q8_0 as themselves, Q4_K as q4_1 (its 6-bit sub-scales and mins multiplied out, as ggml's dequantizer does),
+    Q5_0 as q8_0 (values q - 16), Q6_K as q6_k; dequantize gives gguf's values bit for bit."""
+    if type_name == "Q4_K":
+        q, d, m = gguf_quants.q4_k_groups(raw, shape)
+        return QuantizedMatrix("q4_1", tuple(shape), pack_nibbles(q), d, m)  # type: ignore[arg-type]
+    if type_name == "Q6_K":
+        q, d = gguf_quants.q6_k_groups(raw, shape)
+        return QuantizedMatrix("q6_k", tuple(shape), pack_q6(q), d)  # type: ignore[arg-type]
+    if type_name == "Q5_0":
+        values, d = gguf_quants.q5_0_values(raw, shape)
+        return QuantizedMatrix("q8_0", tuple(shape), values, d)  # type: ignore[arg-type]
+    return from_gguf_blocks(type_name.lower(), raw, shape)
 
 
 def _expected_arrays(kind: str, out: int, n_in: int) -> dict[str, tuple[tuple[int, int], type]]:

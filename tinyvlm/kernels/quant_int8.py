@@ -34,7 +34,8 @@ numba = _numba.module()  # raises TinyVLMError, saying why, when numba cannot be
 from numba.core import cgutils, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from tinyvlm.kernels.quant_numba import _FAST, PREFETCH_ROWS, _prefetch_row  # noqa: E402
+from tinyvlm.kernels.prefetch import PREFETCH_ROWS, prefetch_row as _prefetch_row  # noqa: E402
+from tinyvlm.kernels.quant_numba import _FAST  # noqa: E402
 
 FAMILY = dot_ir.target_family()  # the IR form compiled here; cached code is keyed by numba to the CPU
 BIAS = dot_ir.BIAS[FAMILY]

@@ -45,56 +45,16 @@ from tinyvlm.kernels import _numba
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix
 
 numba = _numba.module()  # raises TinyVLMError, saying why, when numba cannot be used
-from llvmlite import ir  # noqa: E402  (numba's own dependency)
-from numba.core import cgutils, types  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+from tinyvlm.kernels.prefetch import PREFETCH_ROWS, prefetch_row as _prefetch_row  # noqa: E402
 # Reassociation lets LLVM vectorize the reductions; no "fast" flags that assume away inf and NaN.
 _FAST = {"reassoc", "contract"}
 # Rows dequantized per BLAS call in matmul. T = 192, q4_0, 2 threads, GFLOP/s for tiles of 128/256/512/1024/2048
 # rows (dense float32 BLAS in brackets): 6144 x 2048: 171/200/204/210/207 (296); 11264 x 2048: 169/192/209/214/218
 # (300); 2048 x 5632: 151/175/184/174/153 (289).
 TILE_ROWS = 512
-# Decode: while row o is multiplied, the cache lines of row o + PREFETCH_ROWS are prefetched. Distances 1 to 4
-# measured the same (5632 x 2048 q4_0, 2 threads: 16.1-16.8 GB/s).
-PREFETCH_ROWS = 2
 _32 = np.float32(32)  # q6_k's offset, subtracted in float32: integer steps in Numba widen to int64 lanes (half as
 # many per vector; 0.27 ns instead of 0.16 per weight in _matvec_q6's loops, one core)
 ROWS_Q6 = 16  # q6_k float32 matvec: rows per parallel work item (one row buffer each)
-
-
-@intrinsic
-def _prefetch(typingctx, a, i, j):
-    """Hint that a[i, j]'s cache line will be read soon: LLVM's target-independent llvm.prefetch (read, keep
-    in all cache levels), which x86-64 lowers to prefetcht0 and ARM64 to prfm pldl1keep. A hint, not a load:
-    it never faults or stalls, so it may name a row the loop reaches only later."""
-    sig = types.void(a, i, j)
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        array = context.make_array(array_type)(context, builder, args[0])
-        index = [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:])]
-        pointer = cgutils.get_item_pointer(context, builder, array_type, array, index, wraparound=False)
-        pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]), "llvm.prefetch")
-        # rw = 0 (read), locality = 3 (keep in every cache level), cache type = 1 (data). LLVM's parser upgrades the
-        # name without a pointer-type suffix to its own mangling (llvm.prefetch.p0 on LLVM 22); the kernels pass
-        # their tests with numba 0.59 (LLVM 14) and 0.68 (LLVM 22)
-        builder.call(prefetch, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@numba.njit(cache=True, inline="always")
-def _prefetch_row(a: np.ndarray, o: int) -> None:
-    """Prefetch every cache line of row o of the 2-D array a (nothing when o is past the last row)."""
-    if o < a.shape[0]:
-        n = a.shape[1]
-        for k in range(0, n, 64 // a.itemsize):
-            _prefetch(a, o, k)
-        _prefetch(a, o, n - 1)  # the row's last line, when the row does not start on a line boundary
 
 
 @numba.njit(parallel=True, fastmath=_FAST, cache=True)
@@ -334,12 +294,15 @@ def dequantize_rows(qm: QuantizedMatrix, row0: int, w: np.ndarray) -> None:
         _dequantize_q4(qm.qs, qm.d, m, qm.kind == "q4_1", row0, w)
 
 
-def matmul(x: np.ndarray, qm: QuantizedMatrix, tile_rows: int = TILE_ROWS) -> np.ndarray:
-    """y = x @ dequantize(qm).T: x (T, in) -> (T, out), float32, tile by tile. Oracle: quant.matmul_ref."""
+def matmul(x: np.ndarray, qm: QuantizedMatrix, tile_rows: int = TILE_ROWS, y: np.ndarray | None = None
+           ) -> np.ndarray:
+    """y = x @ dequantize(qm).T: x (T, in) -> (T, out), float32, tile by tile, into `y` when given (a C-contiguous
+    float32 (T, out), such as the vision tower's workspace). Oracle: quant.matmul_ref."""
     out, n_in = qm.shape
     x = np.asarray(x, dtype=np.float32)
     x = _ordered(x, qm.kind)  # (T, in) in the tile's column order
-    y = np.empty((x.shape[0], out), dtype=np.float32)
+    if y is None or y.shape != (x.shape[0], out) or y.dtype != np.float32 or not y.flags.c_contiguous:
+        y = np.empty((x.shape[0], out), dtype=np.float32)
     tile = np.empty((min(tile_rows, out), n_in), dtype=np.float32)  # (R, in)
     for row0 in range(0, out, tile_rows):
         w = tile[: min(tile_rows, out - row0)]
@@ -348,10 +311,10 @@ def matmul(x: np.ndarray, qm: QuantizedMatrix, tile_rows: int = TILE_ROWS) -> np
     return y
 
 
-def linear(x: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
-    """x @ W.T for x (in,) or (T, in): matvec for one token, tiled matmul otherwise."""
+def linear(x: np.ndarray, qm: QuantizedMatrix, out: np.ndarray | None = None) -> np.ndarray:
+    """x @ W.T for x (in,) or (T, in): matvec for one token, tiled matmul otherwise (into `out` when it fits)."""
     if x.ndim == 1:
         return matvec(qm, x)
     if x.shape[0] == 1:
         return matvec(qm, x[0])[None]  # (1, in) -> (1, out)
-    return matmul(x, qm)
+    return matmul(x, qm, y=out)

@@ -2,8 +2,8 @@
 and with it, optionally, llama.cpp's MobileVLM image encoder (an "mmproj" file: CLIP tower and LDP / LDPv2).
 
 LLM. Q4_0 / Q4_1 / Q8_0 / Q6_K matrices feed the quantized kernels as they are (their blocks are only re-laid-out,
-once), and so do Q4_K and Q5_0, as the q4_1 and q8_0 matrices they equal (gguf_quants.q4_k_as_q4_1,
-q5_0_as_q8_0): a Q4_K_M file loads bit-exact. The other quantized kinds (Q5_1, Q5_K) are dequantized and
+once), and so do Q4_K and Q5_0, as the q4_1 and q8_0 matrices they equal (kernels/quant.from_gguf_tensor): a
+Q4_K_M file loads bit-exact. The other quantized kinds (Q5_1, Q5_K) are dequantized and
 requantized to Q8_0 (quantize.CONVERTED_KIND);
 F32 / F16 / BF16 become float32, or are quantized by `quant` with the same block kinds as every other path
 (quantize.BLOCK_KINDS). The q and k rows that llama.cpp's converter permuted are put back in Hugging Face order (a
@@ -29,17 +29,16 @@ from tinyvlm.config import ModelConfig
 from tinyvlm.config.gguf import text_config_from_gguf, vision_configs_from_mmproj
 from tinyvlm.errors import ConfigError, TokenizerError, WeightsError
 from tinyvlm.limits import short, text
-from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, from_gguf_blocks, quantize
+from tinyvlm.kernels.quant import EXACT_GGUF_TYPES, GROUP, QuantizedMatrix, from_gguf_tensor, quantize
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.projector import build_projector
 from tinyvlm.prompt import detect
-from tinyvlm.quantize import CONVERTED_KIND, DIRECT_KINDS, Progress, block_kind
+from tinyvlm.quantize import CONVERTED_KIND, Progress, block_kind
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vision import VisionTower, vision_needed_names
 from tinyvlm.vlm import VLM
 from tinyvlm.weights.checked import check_layer_count, check_tensors, listing
 from tinyvlm.weights.gguf import GGUFTensor, read_gguf, to_float32
-from tinyvlm.weights.gguf_quants import q4_k_as_q4_1, q5_0_as_q8_0, q6_k_as_q6_k
 from tinyvlm.weights.names import hf_name, mmproj_name, unpermute_qk, unsqueeze
 from tinyvlm.weights.pages import release
 from tinyvlm.weights.store import file_kind
@@ -56,12 +55,12 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def to_quantized(tensor: GGUFTensor) -> QuantizedMatrix:
-    """A Q4_0 / Q4_1 / Q8_0 weight (out, in) as the kernels' QuantizedMatrix, without dequantizing it."""
-    kind = tensor.type_name.lower()
-    if kind not in DIRECT_KINDS or len(tensor.shape) != 2:
+    """A weight (out, in) of one of quant.EXACT_GGUF_TYPES as the kernels' QuantizedMatrix equal to it, without
+    dequantizing it."""
+    if tensor.type_name not in EXACT_GGUF_TYPES or len(tensor.shape) != 2:
         raise WeightsError(f"tensor {short(tensor.name)} is {tensor.type_name} of shape {tensor.shape}; only 2-D "
-                           "Q4_0, Q4_1 and Q8_0 tensors convert directly to a quantized matrix")
-    return from_gguf_blocks(kind, tensor.raw, tensor.shape)
+                           f"{', '.join(EXACT_GGUF_TYPES)} tensors convert directly to a quantized matrix")
+    return from_gguf_tensor(tensor.type_name, tensor.raw, tensor.shape)  # type: ignore[arg-type]
 
 
 def _rows_permuted(qm: QuantizedMatrix, order: np.ndarray) -> QuantizedMatrix:
@@ -79,14 +78,8 @@ def _matrix(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | Qu
 
 def _convert(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
     """Direct kinds as stored, other quantized kinds converted, floats as float32 unless `quant` asks for blocks."""
-    if tensor.type_name.lower() in DIRECT_KINDS:
+    if tensor.type_name in EXACT_GGUF_TYPES:
         return to_quantized(tensor)
-    if tensor.type_name == "Q4_K":
-        return q4_k_as_q4_1(tensor.raw, tensor.shape)  # type: ignore[arg-type]
-    if tensor.type_name == "Q6_K":
-        return q6_k_as_q6_k(tensor.raw, tensor.shape)  # type: ignore[arg-type]
-    if tensor.type_name == "Q5_0":
-        return q5_0_as_q8_0(tensor.raw, tensor.shape)  # type: ignore[arg-type]
     w = to_float32(tensor)
     if w.shape[1] % GROUP:
         return w

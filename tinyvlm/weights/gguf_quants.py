@@ -19,14 +19,14 @@ In a 32-value block of Q4_0/Q4_1, byte j holds value j (low nibble) and value j 
 K-quants, each 64 values share 32 bytes: sub-block 2k takes their low nibbles, sub-block 2k + 1 the high ones.
 
 Q4_K is q4_1 with its group scales and mins quantized against the super-block's d and dmin, so it becomes our q4_1
-exactly (q4_k_as_q4_1: scale d * sc and min -(dmin * mn), the float32 products ggml's dequantizer forms; the nibbles
-re-laid-out), and runs on q4_1's kernels. Q6_K becomes our q6_k (q6_k_as_q6_k: the 6-bit values regrouped by 32,
-d * sc per 16 values), which has kernels of its own. Q5_K is converted once at load: dequantized, then requantized to
-our q8_0 (tinyvlm.kernels.quant), as is Q5_1; Q5_0 is q8_0 exactly (q5_0_as_q8_0). Measured on Gaussian rows (4096 x 4096, quantized by ggml's own quantizer),
-relative RMS error against the float weights, had each been requantized:
-    Q4_K 0.0714   -> q8_0 0.0715   -> q4_1 0.0842   -> q4_0 0.1099   (q4_k_as_q4_1 adds nothing)
+exactly (q4_k_groups: scale d * sc and min -(dmin * mn), the float32 products ggml's dequantizer forms; the nibbles
+re-laid-out), and runs on q4_1's kernels. Q6_K becomes our q6_k (q6_k_groups: the 6-bit values regrouped by 32, d *
+sc per 16 values), which has kernels of its own. Q5_K is converted once at load: dequantized, then requantized to
+our q8_0 (tinyvlm.kernels.quant), as is Q5_1; Q5_0 is q8_0 exactly (q5_0_values). Measured on Gaussian rows (4096 x
+4096, quantized by ggml's own quantizer), relative RMS error against the float weights, had each been requantized:
+    Q4_K 0.0714   -> q8_0 0.0715   -> q4_1 0.0842   -> q4_0 0.1099   (as q4_1: nothing added)
     Q5_K 0.0361   -> q8_0 0.0365   -> q4_1 0.0845   -> q4_0 0.0934
-    Q6_K 0.0177   -> q8_0 0.0186   -> q4_1 0.0802   -> q4_0 0.0891   (q6_k_as_q6_k adds nothing)
+    Q6_K 0.0177   -> q8_0 0.0186   -> q4_1 0.0802   -> q4_0 0.0891   (as q6_k: nothing added)
     (float -> q8_0 0.0054, -> q4_1 0.0782, -> q4_0 0.0859 directly)
 q8_0 keeps a K-quant's accuracy (it adds an error of 0.0053 RMS, its own step) at about 1.9x the bytes of
 Q4_K; q4_0 adds half again to Q4_K's error and q4_1 a sixth.
@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.kernels.quant import GROUP, QuantizedMatrix, pack_nibbles, pack_q6
 
 QK_K = 256  # values per K-quant super-block
+GROUP = 32  # values per group of the kernels' formats (kernels/quant.py)
 
 
 @dataclass(frozen=True)
@@ -129,25 +129,34 @@ def _fifth_bits(blocks: np.ndarray, start: int) -> np.ndarray:
     return ((qh >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).astype(np.uint8) << np.uint8(4)
 
 
-def _q5_0(blocks: np.ndarray) -> np.ndarray:
-    d = _f16(blocks, 0)
-    q = _nibbles(blocks[:, 6:], 16).reshape(-1, 32) | _fifth_bits(blocks, 2)  # (n, 32)
-    return d * (q.astype(np.int8) - np.int8(16)).astype(np.float32)
-
-
-def q5_0_as_q8_0(raw: np.ndarray, shape: tuple[int, int]) -> QuantizedMatrix:
-    """A Q5_0 weight (out, in) from its bytes as the q8_0 matrix equal to it: the values q - 16 fit int8, and d is
-    the same float16, so dequantization is bit-exact (Q5_0 is what llama.cpp's K-quant files hold for rows whose
-    length is not a multiple of 256)."""
-    out, n_in = shape
-    t = BY_NAME["Q5_0"]
-    if n_in % t.block_size or raw.dtype != np.uint8 or raw.size != nbytes("Q5_0", out * n_in):
-        raise WeightsError(f"Q5_0 data for shape {shape} needs {nbytes('Q5_0', out * n_in)} bytes in blocks of "
-                           f"{t.block_size} inputs, got {raw.size} of dtype {raw.dtype}")
-    blocks = np.ascontiguousarray(raw).reshape(-1, t.type_size)  # (out * in/32, 22)
+def _q5_0_values(blocks: np.ndarray) -> np.ndarray:
+    """(n, 22) Q5_0 blocks -> (n, 32) int8 values q - 16."""
     q = _nibbles(blocks[:, 6:], 16).reshape(-1, 32) | _fifth_bits(blocks, 2)  # (n, 32) 0..31
-    values = (q.astype(np.int8) - np.int8(16)).reshape(out, n_in)
-    return QuantizedMatrix("q8_0", (out, n_in), values, _f16(blocks, 0).reshape(out, -1))
+    return q.astype(np.int8) - np.int8(16)
+
+
+def _q5_0(blocks: np.ndarray) -> np.ndarray:
+    return _f16(blocks, 0) * _q5_0_values(blocks).astype(np.float32)
+
+
+def _blocks_of(raw: np.ndarray, shape: tuple[int, int], type_name: str) -> np.ndarray:
+    """A weight's bytes (uint8, rows of whole blocks) for `shape` (out, in) as (blocks, type_size); a WeightsError
+    when they do not fit."""
+    t = BY_NAME[type_name]
+    size = nbytes(type_name, shape[0] * shape[1])
+    if shape[1] % t.block_size or raw.dtype != np.uint8 or raw.size != size:
+        raise WeightsError(f"{type_name} data for shape {shape} needs {size} bytes in blocks of {t.block_size} "
+                           f"inputs, got {raw.size} of dtype {raw.dtype}")
+    return np.ascontiguousarray(raw).reshape(-1, t.type_size)
+
+
+def q5_0_values(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A Q5_0 weight (out, in) from its bytes: (values q - 16, int8 (out, in); d, float32 (out, in/32)), which are
+    q8_0's own arrays for the same numbers (kernels/quant.from_gguf_tensor). Q5_0 is what llama.cpp's K-quant files
+    hold for rows whose length is not a multiple of 256."""
+    out, n_in = shape
+    blocks = _blocks_of(raw, shape, "Q5_0")  # (out * in/32, 22)
+    return _q5_0_values(blocks).reshape(out, n_in), _f16(blocks, 0).reshape(out, -1)
 
 
 def _q5_1(blocks: np.ndarray) -> np.ndarray:
@@ -164,19 +173,15 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
     return ((d * scales)[..., None] * q - (dmin * mins)[..., None]).reshape(n, QK_K)
 
 
-def q4_k_as_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> QuantizedMatrix:
-    """A Q4_K weight (out, in) from its bytes (uint8, rows of in/256 blocks) as the q4_1 matrix equal to it."""
+def q4_k_groups(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_K weight (out, in) from its bytes, group by group of 32: (q uint8 (out, in/32, 32) 0..15 in value order,
+    scale d * sc and min -(dmin * mn), float32 (out, in/32) each): w = scale * q + min, q4_1's own form."""
     out, n_in = shape
-    t = BY_NAME["Q4_K"]
-    if n_in % t.block_size or raw.dtype != np.uint8 or raw.size != nbytes("Q4_K", out * n_in):
-        raise WeightsError(f"Q4_K data for shape {shape} needs {nbytes('Q4_K', out * n_in)} bytes in blocks of "
-                           f"{t.block_size} inputs, got {raw.size} of dtype {raw.dtype}")
-    blocks = np.ascontiguousarray(raw).reshape(-1, t.type_size)  # (out * in/256, 144)
+    blocks = _blocks_of(raw, shape, "Q4_K")  # (out * in/256, 144)
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # (n, 1) each
     scales, mins = _k_scales(blocks[:, 4:16])  # (n, 8) each
-    q = _nibbles(blocks[:, 16:], 32)  # (n, 8, 32): group by group, values in order
-    return QuantizedMatrix("q4_1", (out, n_in), pack_nibbles(q.reshape(out, -1, GROUP)),
-                           (d * scales).reshape(out, -1), (-(dmin * mins)).reshape(out, -1))
+    q = _nibbles(blocks[:, 16:], 32)  # (n, 8, 32)
+    return q.reshape(out, -1, GROUP), (d * scales).reshape(out, -1), (-(dmin * mins)).reshape(out, -1)
 
 
 def _q5_k(blocks: np.ndarray) -> np.ndarray:
@@ -210,16 +215,12 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
     return (scales[..., None] * values).reshape(-1, QK_K)
 
 
-def q6_k_as_q6_k(raw: np.ndarray, shape: tuple[int, int]) -> QuantizedMatrix:
-    """A Q6_K weight (out, in) from its bytes as our q6_k matrix (kernels/quant.py): the same values, re-laid-out
-    in groups of 32, and d * sc per 16 values in float32 (an exact product), so dequantization is bit-exact."""
+def q6_k_groups(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A Q6_K weight (out, in) from its bytes: (q uint8 (out, in/32, 32) 0..63 in value order, d * sc float32
+    (out, in/16), one per 16 values, an exact product): w = (d * sc) * (q - 32)."""
     out, n_in = shape
-    t = BY_NAME["Q6_K"]
-    if n_in % t.block_size or raw.dtype != np.uint8 or raw.size != nbytes("Q6_K", out * n_in):
-        raise WeightsError(f"Q6_K data for shape {shape} needs {nbytes('Q6_K', out * n_in)} bytes in blocks of "
-                           f"{t.block_size} inputs, got {raw.size} of dtype {raw.dtype}")
-    q, scales = _q6_k_parts(np.ascontiguousarray(raw).reshape(-1, t.type_size))
-    return QuantizedMatrix("q6_k", (out, n_in), pack_q6(q.reshape(out, -1, GROUP)), scales.reshape(out, -1))
+    q, scales = _q6_k_parts(_blocks_of(raw, shape, "Q6_K"))
+    return q.reshape(out, -1, GROUP), scales.reshape(out, -1)
 
 
 def _f32(blocks: np.ndarray) -> np.ndarray:
@@ -236,7 +237,8 @@ def _bf16(blocks: np.ndarray) -> np.ndarray:
 
 
 _DEQUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "F32": _f32, "F16": _f16_values, "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
+    "F32": _f32, "F16": _f16_values, "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1,
+    "Q5_0": _q5_0, "Q5_1": _q5_1,
     "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
 
