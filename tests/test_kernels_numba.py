@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.conftest import examples
 from tinyvlm.kernels import activations, attention, norm, ops_numba, rope
 
 BACKEND_FREE = True  # no model runs here: kernels, files and text only
 
-SETTINGS = settings(derandomize=True, deadline=None, max_examples=25)
+SETTINGS = settings(derandomize=True, deadline=None, max_examples=examples(25))
 
 
 def rand(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:

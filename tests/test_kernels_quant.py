@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import examples
 from tinyvlm.errors import TinyVLMError, WeightsError
 from tinyvlm.kernels import _numba, quant, quant_numba
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix
@@ -31,7 +32,7 @@ GGUF_TYPES = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizat
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
 PATTERNS = ("normal", "zeros", "one_huge", "negative", "constant", "tiny", "mixed_scales")
 KERNEL_TOL = 1e-5  # relative to kernel_scale
-SETTINGS = settings(derandomize=True, deadline=None, max_examples=30)
+SETTINGS = settings(derandomize=True, deadline=None, max_examples=examples(30))
 
 
 def make_weight(pattern: str, out: int, n_in: int, seed: int) -> np.ndarray:
