@@ -249,6 +249,11 @@ def nbytes(type_name: str, n_values: int) -> int:
     return n_values // t.block_size * t.type_size
 
 
+# Values dequantized per step: a K-quant's NumPy dequantizer holds a few float32 temporaries of its input's size,
+# which for a Q4_K_M file's token_embd (32000 x 2048) were 0.8 GB at once, the peak of its whole load.
+CHUNK_VALUES = 1 << 20
+
+
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Float32 values of `shape` from a tensor's bytes (uint8, C order, last axis = ggml's ne[0])."""
     t = BY_NAME[type_name]
@@ -257,4 +262,9 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
         raise ValueError(f"{type_name} data for shape {shape} needs {nbytes(type_name, n_values)} bytes, "
                          f"got {raw.size} of dtype {raw.dtype}")
     blocks = np.ascontiguousarray(raw).reshape(-1, t.type_size)  # (blocks, type_size)
-    return _DEQUANTIZERS[type_name](blocks).reshape(shape)
+    values = np.empty(n_values, dtype=np.float32)
+    step = max(1, CHUNK_VALUES // t.block_size)  # blocks per chunk
+    for first in range(0, blocks.shape[0], step):  # the dequantizers' float temporaries stay a chunk's size
+        values[first * t.block_size:(first + step) * t.block_size] = _DEQUANTIZERS[type_name](
+            blocks[first:first + step]).reshape(-1)
+    return values.reshape(shape)
