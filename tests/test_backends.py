@@ -49,24 +49,20 @@ def test_make_names_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TinyVLMError, match="threads must be between 1 and"):
         backends.make("numba", threads=10_000)
     monkeypatch.setenv("TINYVLM_BACKEND", "numpy")
-    assert backends.make().decode_activations == "int8"
-    assert backends.make("numba", decode_activations="float32").decode_activations == "float32"
-    with pytest.raises(TinyVLMError, match="unknown decode activations 'int4'; expected one of int8, float32"):
-        backends.make(decode_activations="int4")
-    monkeypatch.setenv("TINYVLM_DECODE_ACTIVATIONS", "fp16")
-    with pytest.raises(TinyVLMError, match="'fp16' from TINYVLM_DECODE_ACTIVATIONS; expected one of int8, float32"):
-        backends.make()
-    monkeypatch.setenv("TINYVLM_DECODE_ACTIVATIONS", "float32")
-    assert backends.make().decode_activations == "float32"
-    assert backends.make().vision_weights == "float32"
-    assert backends.make("numba", vision_weights="int8").vision_weights == "int8"
-    with pytest.raises(TinyVLMError, match="unknown vision weights 'int4'; expected one of float32, int8"):
-        backends.make(vision_weights="int4")
-    monkeypatch.setenv("TINYVLM_VISION_WEIGHTS", "fp16")
-    with pytest.raises(TinyVLMError, match="'fp16' from TINYVLM_VISION_WEIGHTS; expected one of float32, int8"):
-        backends.make()
-    monkeypatch.setenv("TINYVLM_VISION_WEIGHTS", "int8")
-    assert backends.make().vision_weights == "int8"
+    # the two settings read from the environment: argument, variable, default, the other value, the error's words
+    settings = (("decode_activations", "TINYVLM_DECODE_ACTIVATIONS", "int8", "float32", "decode activations"),
+                ("vision_weights", "TINYVLM_VISION_WEIGHTS", "float32", "int8", "vision weights"))
+    for arg, variable, default, other, what in settings:
+        choices = ", ".join(backends.DECODE_ACTIVATIONS if arg == "decode_activations" else backends.VISION_WEIGHTS)
+        assert getattr(backends.make(), arg) == default
+        assert getattr(backends.make("numba", **{arg: other}), arg) == other
+        with pytest.raises(TinyVLMError, match=f"unknown {what} 'int4'; expected one of {choices}"):
+            backends.make(**{arg: "int4"})
+        monkeypatch.setenv(variable, "fp16")
+        with pytest.raises(TinyVLMError, match=f"'fp16' from {variable}; expected one of {choices}"):
+            backends.make()
+        monkeypatch.setenv(variable, other)
+        assert getattr(backends.make(), arg) == other
 
 
 def test_without_numba_the_default_is_numpy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -103,29 +103,27 @@ def test_dequantize_quantizer_output_bit_exact(type_name: str) -> None:
     assert same_bits(gguf_quants.dequantize(raw.reshape(-1).view(np.uint8), type_name, w.shape), expected)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_q4_k_is_q4_1_exactly(seed: int) -> None:
-    """Q4_K becomes a q4_1 matrix whose dequantization is gguf's, bit for bit (no rounding anywhere)."""
-    rng = np.random.default_rng(seed)
-    rows, n_in = 4, 3 * 256
-    raw = random_blocks("Q4_K", rows * n_in // 256, rng)
-    qm = kq.from_gguf_tensor("Q4_K", raw, (rows, n_in))
-    assert qm.kind == "q4_1" and qm.shape == (rows, n_in) and qm.qs.shape == (rows, n_in // 2)
-    expected = gguf.quants.dequantize(raw.reshape(rows, -1), QT.Q4_K)
-    assert same_bits(kq.dequantize(qm), expected.astype(np.float32, copy=False))
+# GGUF K-quant type -> (our kind, qs shape, d shape) for a weight (rows, in): Q4_K is q4_1 with its sub-scales
+# multiplied out, Q6_K our q6_k (three byte planes, one scale per 16 values).
+K_AS_OURS = {"Q4_K": ("q4_1", lambda r, n: (r, n // 2), lambda r, n: (r, n // 32)),
+             "Q6_K": ("q6_k", lambda r, n: (r, n * 3 // 4), lambda r, n: (r, n // 16))}
 
 
+@pytest.mark.parametrize("type_name", list(K_AS_OURS))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_q6_k_is_our_q6_k_exactly(seed: int) -> None:
-    """Q6_K becomes our q6_k, whose dequantization is gguf's, bit for bit; its values and scales round-trip."""
+def test_k_quants_are_our_kinds_exactly(type_name: str, seed: int) -> None:
+    """Q4_K and Q6_K become matrices whose dequantization is gguf's, bit for bit (no rounding anywhere)."""
     rng = np.random.default_rng(seed)
     rows, n_in = 4, 3 * 256
-    raw = random_blocks("Q6_K", rows * n_in // 256, rng)
-    qm = kq.from_gguf_tensor("Q6_K", raw, (rows, n_in))
-    assert qm.kind == "q6_k" and qm.qs.shape == (rows, n_in * 3 // 4) and qm.d.shape == (rows, n_in // 16)
-    expected = gguf.quants.dequantize(raw.reshape(rows, -1), QT.Q6_K)
+    raw = random_blocks(type_name, rows * n_in // 256, rng)
+    qm = kq.from_gguf_tensor(type_name, raw, (rows, n_in))
+    kind, qs_shape, d_shape = K_AS_OURS[type_name]
+    assert qm.kind == kind and qm.shape == (rows, n_in)
+    assert qm.qs.shape == qs_shape(rows, n_in) and qm.d.shape == d_shape(rows, n_in)
+    expected = gguf.quants.dequantize(raw.reshape(rows, -1), QT[type_name])
     assert same_bits(kq.dequantize(qm), expected.astype(np.float32, copy=False))
-    assert np.array_equal(kq.pack_q6(kq.q6_values(qm.qs)), qm.qs)
+    if kind == "q6_k":  # its values and scales round-trip
+        assert np.array_equal(kq.pack_q6(kq.q6_values(qm.qs)), qm.qs)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
