@@ -19,7 +19,7 @@ HOST_PY=${HOST_PY:-python}  # only downloads and unpacks wheels
 if [ -n "${ARM64_TESTS:-}" ]; then
   TESTS_A=$ARM64_TESTS TESTS_B=""
 else
-  TESTS_A="tests/test_kernels_int8.py"
+  TESTS_A="tests/test_kernels_int8.py tests/test_kernels_gemm.py"
   TESTS_B="tests/test_kernels_quant.py tests/test_kernels_numba.py tests/test_kernels.py tests/test_golden_logits.py
 tests/test_k_quants.py"
 fi

@@ -11,6 +11,8 @@ Measured (max |logit difference| / max |logit| over the decoded positions):
       v1 0.015, v2 0.017, text 0.024; the greedy token the same at 11 or 12 of the 12 steps
   SmolLM2-135M-Instruct Q4_1, the 25-token prompt decoded token by token, against transformers' float32 logits:
       0.026 (numpy backend) and 0.031 (numba), top-1 the same at all 25 positions (float32 activations: 1.6e-6)
+  SmolLM2, the same prompt in one forward pass (the Numba backend's int16 GEMM on x86-64): 0.029, top-1 the same at
+      all 25 positions (the NumPy backend multiplies long prompts in float32: 1.6e-6)
   SmolLM2 against llama.cpp (tests/fixtures/smollm2_llamacpp.json; llama.cpp also rounds activations to 8 bits),
       the 4 prompts token by token, 97 positions: numba top-1 equal at all 97, max |logit difference| on
       llama.cpp's top-5 ids 1.48, mean 0.20; numpy 4 swaps at near ties (llama.cpp's top-2 gaps 0.006-0.155),
@@ -35,6 +37,7 @@ QUESTION = "What is in the image?"
 IMAGE = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 STEPS = 12
 TINY_BOUND = 0.06  # measured at most 0.035 (see above)
+PREFILL_BOUND = 0.06  # measured 0.029 (see above)
 MAX_ABS_DIFF, MAX_MEAN_DIFF = 2.0, 0.3  # against llama.cpp's logits: measured at most 1.48 and 0.20
 GGUF = smollm2_path()
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_llamacpp.json"
@@ -93,6 +96,23 @@ def test_smollm2_against_transformers_float32(smollm2: tinyvlm.VLM) -> None:
     assert ours.shape == ref.shape
     assert rel_err(ours, ref) <= 0.06  # measured 0.026 (numpy backend) and 0.031 (numba)
     assert (ours.argmax(axis=1) == ref.argmax(axis=1)).mean() >= 0.9  # measured 25 of 25
+
+
+def test_smollm2_prompt_in_one_pass_against_transformers(smollm2: tinyvlm.VLM) -> None:
+    """The 25-token prompt in one forward pass: on the Numba backend on x86-64 its quantized layers multiply int8
+    activations in the int16 GEMM (kernels/quant_gemm.py), elsewhere dequantized tiles in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    reference = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
+    ids = smollm2.tokenizer.encode(PROMPT, add_bos=False)
+    with torch.inference_mode():
+        ref = reference(torch.tensor([ids])).logits[0].numpy()  # (T, V)
+    ours = smollm2.logits(ids)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) <= PREFILL_BOUND
+    assert (ours.argmax(axis=1) == ref.argmax(axis=1)).mean() >= 0.9
 
 
 def test_smollm2_against_llamacpp(smollm2: tinyvlm.VLM) -> None:

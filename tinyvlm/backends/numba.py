@@ -4,7 +4,9 @@ kernels/ops_numba.py); every other op is the NumPy backend's own.
 What runs in Numba, and why only that (each measured on the 2-core reference VM; the kernels' docstrings say more):
 * quantized linear layers: for one token (and up to backends.numpy.INT8_MAX_TOKENS), the activations
   quantized to int8 and integer dot products (kernels/quant_int8.py), or with float32 activations a
-  fused-dequantization matvec (quant_numba.py); for more tokens, dequantized tiles into BLAS;
+  fused-dequantization matvec (quant_numba.py); on x86-64 with int8 activations, inputs of GEMM_MIN_TOKENS or
+  more (prompts, and the vision tower's q8_0 layers) go through the int16 GEMM of kernels/quant_gemm.py, 2-4x
+  faster there than the alternative; other long inputs through dequantized tiles into BLAS;
 * the LLM's RMSNorm, RoPE and SwiGLU step, and decode attention over the cache, but decode attention only when
   the layers are quantized: with dense layers every matvec is OpenBLAS's, and Numba's threads, spinning after a
   parallel kernel between them, cost more than the kernel saves (MobileLLaMA-1.4B fp32 decode: 5.3 tok/s with
@@ -29,6 +31,8 @@ from tinyvlm.kernels import _numba, quant
 from tinyvlm.kernels.quant import QuantizedMatrix
 from tinyvlm.weights.pages import release
 
+GEMM_MIN_TOKENS = 10  # fewer tokens waste most of a panel's 16 lanes: the per-row kernels (quant_int8) are faster
+
 
 class NumbaBackend(NumpyBackend):
     name = "numba"
@@ -41,11 +45,16 @@ class NumbaBackend(NumpyBackend):
             raise TinyVLMError(f"the numba backend is unavailable: {_numba.why_unavailable()}; use the numpy backend")
         if threads is not None:
             _numba.check_threads(threads)
-        from tinyvlm.kernels import ops_numba, quant_int8, quant_numba  # compiled or loaded from cache on first use
+        from tinyvlm.kernels import dot_ir, ops_numba, quant_gemm, quant_int8, quant_numba  # compiled or cached
+
 
         self._ops: ModuleType = ops_numba
         self._quant: ModuleType = quant_numba
         self._quant_int8: ModuleType | None = quant_int8 if decode_activations == "int8" else None
+        # prompts of GEMM_MIN_TOKENS or more on int8 activations: the int16 GEMM, where it measured faster than
+        # dequantized tiles into BLAS (x86-64; on ARM64 its form has no integer dot product, and was not timed)
+        self._quant_gemm: ModuleType | None = \
+            quant_gemm if decode_activations == "int8" and dot_ir.target_family() == "x86" else None
         self._numba_decode_attention = False  # set by `linears` when the layers are quantized
         self._scores: np.ndarray | None = None  # the vision attention's (T, T) scores, one head at a time
 
@@ -82,7 +91,10 @@ class NumbaBackend(NumpyBackend):
     # ---------------------------------------------------------------- linear layers
 
     def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix, out: np.ndarray | None = None) -> np.ndarray:
-        if self._quant_int8 is not None and (x.ndim == 1 or x.shape[0] <= self.short_input_tokens):  # integers
+        tokens = 1 if x.ndim == 1 else x.shape[0]
+        if self._quant_gemm is not None and tokens >= GEMM_MIN_TOKENS:
+            return self._quant_gemm.matmul(x, w)
+        if self._quant_int8 is not None and tokens <= self.short_input_tokens:  # integers, row by row
             return self._quant_int8.matmul(np.atleast_2d(x), w).reshape(*x.shape[:-1], -1)
         return self._quant.linear(x, w, out)
 

@@ -22,8 +22,8 @@ Array = Any  # an array of a backend's array module (numpy.ndarray here)
 Weight = Any  # a linear layer's (out, in) matrix: a backend's dense array or a QuantizedMatrix
 # Decode activations times a quantized matrix: quantized to int8 per block of 32 first, for integer dot products as
 # llama.cpp does (the default), or float32 (the previous kernels, kept as the reference and an option). "Decode" is
-# any input of at most INT8_MAX_TOKENS tokens; longer prompts multiply in float32 either way (dequantized tiles into
-# BLAS, faster there than the integer kernels: kernels/quant_int8.py).
+# any input of at most INT8_MAX_TOKENS tokens; here longer prompts multiply in float32 (the reference). The Numba
+# backend multiplies them on int8 activations too on x86-64 (kernels/quant_gemm.py), in float32 elsewhere.
 DECODE_ACTIVATIONS = ("int8", "float32")
 # How the vision tower's linear weights are kept: float32 (the reference), or int8 = q8_0 blocks, a quarter of the
 # memory (ViT-L/14: 1.16 GB -> 0.31 GB), dequantized tile by tile into BLAS as the LLM's prefill is.
