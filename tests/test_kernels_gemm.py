@@ -79,9 +79,9 @@ def test_compiles_to_vnni_on_x86() -> None:
         qm = make_matrix(rng.standard_normal((14, 96)).astype(np.float32), kind, rng)
         x = rng.standard_normal((40, 96)).astype(np.float32)
         xp, xd, xs = quant_gemm.panels(x, kind)
-        y_t = np.empty((14, xp.shape[0] * quant_gemm.LANES), np.float32)
-        fresh(quant_gemm.KIND_CODES[kind], qm.qs, qm.d, qm.m if qm.m is not None else qm.d, xp, xd, xs, y_t, 2)
-        assert np.array_equal(np.ascontiguousarray(y_t[:, :40].T), quant_gemm.matmul(x, qm))
+        y = np.empty((40, 14), np.float32)
+        fresh(quant_gemm.KIND_CODES[kind], qm.qs, qm.d, qm.m if qm.m is not None else qm.d, xp, xd, xs, y, 2)
+        assert np.array_equal(y, quant_gemm.matmul(x, qm))
     instructions = set(re.findall(r"(?m)^\s+([a-z][a-z0-9.]*)\s", "\n".join(fresh.inspect_asm().values())))
     name, features = _cpu_features()
     if platform.machine().lower() in ("x86_64", "amd64") and ("+avx512vnni" in features or "+avxvnni" in features):

@@ -12,6 +12,8 @@ Oracle: quant.matvec_int8_ref per token (exact integer block sums in float64).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from tinyvlm.kernels import _numba, gemm_ir
@@ -135,10 +137,42 @@ def _tile(code: int, which: int, w, d, m, o, xp, xd, xs, p, out) -> None:
         _TILE_Q6_K(which, w, d, m, o, xp, xd, xs, p, out)
 
 
+@numba.njit(cache=True, inline="always")
+def _scatter(tmp: np.ndarray, rows: int, n_p: int, o0: int, p: int, y: np.ndarray) -> None:
+    """y[16 (p + q) + t, o0 + r] = tmp[(r n_p + q) 16 + t] for the tokens of y (a tile's results, token-major)."""
+    for q in range(n_p):
+        for t in range(LANES):
+            token = (p + q) * LANES + t
+            if token < y.shape[0]:
+                for r in range(rows):
+                    y[token, o0 + r] = tmp[(r * n_p + q) * LANES + t]
+
+
+@numba.njit(parallel=True, cache=True)
+def _quantize_tokens(x: np.ndarray, where: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> None:
+    """quant_int8's quantizer, the tokens in parallel."""
+    for t in numba.prange(x.shape[0]):
+        _quantize_activations(x[t:t + 1], where, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1])
+
+
+@numba.njit(parallel=True, cache=True)
+def _to_panels(xq: np.ndarray, xp: np.ndarray) -> None:
+    """xq (T, in) int8 -> xp (P, in 16) int16: column pair kp of token t at panel t // 16, 32 kp + 2 (t % 16).
+    Written in order, 16 rows read side by side (token by token, each store would touch another cache line)."""
+    n_tokens = xq.shape[0]
+    for panel in numba.prange(xp.shape[0]):
+        out = xp[panel]
+        for t in range(panel * LANES, min(n_tokens, panel * LANES + LANES)):
+            row, lane = xq[t], 2 * (t - panel * LANES)
+            for kp in range(xq.shape[1] // 2):
+                out[kp * 2 * LANES + lane] = row[2 * kp]
+                out[kp * 2 * LANES + lane + 1] = row[2 * kp + 1]
+
+
 @numba.njit(parallel=True, cache=True)
 def _gemm(code: int, qs: np.ndarray, d: np.ndarray, m: np.ndarray, xp: np.ndarray, xd: np.ndarray, xs: np.ndarray,
-          y_t: np.ndarray, threads: int) -> None:
-    """y_t (out, P 16) = the weight rows times the token panels. One contiguous range of row groups per thread
+          y: np.ndarray, threads: int) -> None:
+    """y (T, out) = the weight rows times the token panels (tokens past T, the last panel's padding, dropped). One contiguous range of row groups per thread
     (more, smaller work items measured slower, not faster); each expands a group's rows once, then meets every
     panel with them."""
     out, n_in, n_panels = d.shape[0], xp.shape[1] // LANES, xp.shape[0]
@@ -157,43 +191,49 @@ def _gemm(code: int, qs: np.ndarray, d: np.ndarray, m: np.ndarray, xp: np.ndarra
                 n_p = PANELS if p + PANELS <= n_panels else 1
                 if n_rows == ROWS:
                     _tile(code, 0 if n_p == PANELS else 1, w, d, m, o0, xp, xd, xs, p, tmp)
-                    for r in range(ROWS):
-                        for q in range(n_p):
-                            y_t[o0 + r, (p + q) * LANES:(p + q + 1) * LANES] = tmp[(r * n_p + q) * LANES:
-                                                                                  (r * n_p + q + 1) * LANES]
+                    _scatter(tmp, ROWS, n_p, o0, p, y)
                 else:  # the last rows, one at a time (d and m have no rows past the end)
                     for r in range(n_rows):
                         for q in range(n_p):
                             _tile(code, 2, w[r:r + 1], d, m, o0 + r, xp, xd, xs, p + q, tmp)
-                            y_t[o0 + r, (p + q) * LANES:(p + q + 1) * LANES] = tmp[:LANES]
+                            _scatter(tmp, 1, 1, o0 + r, p + q, y)
                 p += n_p
+
+
+@functools.cache
+def kernel_where(kind: str, n_in: int) -> np.ndarray:
+    """(in,) int64: the kernel column of each natural input column (q4 nibble order, q6_k plane order)."""
+    where = np.empty(n_in, dtype=np.int64)
+    where[_ordered(np.arange(n_in)[None], kind)[0]] = np.arange(n_in)
+    return where
 
 
 def panels(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (T, in) float32 -> (xp int16 (P, in 16), xd float32 (P, G 16), xs (P, G 16)): the tokens quantized to
-    int8 per block of 32, in the kernel's column order, 16 to a panel (zero tokens after the last)."""
+    int8 per block of 32 (quant_int8's quantizer), in the kernel's column order, 16 to a panel (zero tokens after
+    the last): gemm_ir's layout."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_tokens, n_in = x.shape
     n_panels = -(-n_tokens // LANES)
     blocks = n_in // GROUP
-    xq = np.zeros((n_panels * LANES, n_in), dtype=np.int8)
+    xq = np.empty((n_tokens, n_in), dtype=np.int8)
     xd = np.zeros((n_panels * LANES, blocks), dtype=np.float32)
     xs = np.zeros((n_panels * LANES, blocks), dtype=np.float32)
-    _quantize_activations(x, np.arange(n_in, dtype=np.int64), xq[:n_tokens], xd[:n_tokens], xs[:n_tokens])
-    xq = _ordered(xq, kind)
-    xp = xq.reshape(n_panels, LANES, n_in // 2, 2).transpose(0, 2, 1, 3).astype(np.int16)  # (P, in/2, 16, 2)
+    _quantize_tokens(x, kernel_where(kind, n_in), xq, xd[:n_tokens], xs[:n_tokens])
+    xp = np.zeros((n_panels, n_in * LANES), dtype=np.int16)
+    _to_panels(xq, xp)
 
     def lanes(v: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(v.reshape(n_panels, LANES, blocks).transpose(0, 2, 1)).reshape(n_panels, -1)
 
-    return xp.reshape(n_panels, -1), lanes(xd), lanes(xs)
+    return xp, lanes(xd), lanes(xs)
 
 
 def matmul(x: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
     """y = q8(x) W'^T: x (T, in) float32 -> (T, out) float32. Oracle: quant.matvec_int8_ref per token."""
     x = np.atleast_2d(x)
     xp, xd, xs = panels(x, qm.kind)
-    y_t = np.empty((qm.shape[0], xp.shape[0] * LANES), dtype=np.float32)
+    y = np.empty((x.shape[0], qm.shape[0]), dtype=np.float32)
     m = qm.m if qm.m is not None else qm.d
-    _gemm(KIND_CODES[qm.kind], qm.qs, qm.d, m, xp, xd, xs, y_t, numba.get_num_threads())
-    return np.ascontiguousarray(y_t[:, :x.shape[0]].T)
+    _gemm(KIND_CODES[qm.kind], qm.qs, qm.d, m, xp, xd, xs, y, numba.get_num_threads())
+    return y
