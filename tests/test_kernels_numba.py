@@ -9,6 +9,7 @@ Tolerances (float32; measured maxima on these cases were ~1e-6 relative or below
                                                               term is the scores' own rounding, which softmax
                                                               carries into the weights; measured <= 4e-7 with
                                                               numba 0.68, 1.1e-5 with numba 0.59 at scores ~100)
+  causal_attention  the decode_attention bound, per query row over the keys it sees
   _exp              rtol 2e-7 on [-87.3, 88.3]                (Taylor to r^7 and float32 rounding; measured 7.5e-8)
   softmax_          atol 1e-6, rtol 1e-5                      (probabilities; the exp above, another sum order)
   quick_gelu_       atol 1e-6 * max(1, max|z|), rtol 1e-5     (exp-and-divide form vs the reference's tanh form)
@@ -81,6 +82,25 @@ def test_decode_attention_matches_reference(kv: int, group: int, length: int, sp
     atol = np.abs(values).max() * (2e-6 + 8 * np.finfo(np.float32).eps * magnitude.max())
     np.testing.assert_allclose(got, ref, rtol=0, atol=atol)
     # Extreme scores (scale 30: |q.k| * scale in the hundreds) must not overflow: the max is subtracted first.
+    assert np.all(np.isfinite(got))
+
+
+@SETTINGS
+@given(kv=st.integers(1, 3), group=st.integers(1, 4), queries=st.integers(2, 20), pos=st.integers(0, 30),
+       dim=st.integers(1, 80), scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 2**16))
+def test_causal_attention_matches_reference(kv: int, group: int, queries: int, pos: int, dim: int, scale: float,
+                                            seed: int) -> None:
+    """A prompt chunk of `queries` tokens after `pos` cached positions, each query seeing the keys up to its own."""
+    rng = np.random.default_rng(seed)
+    keys, values = rand(rng, (kv, pos + queries, dim), scale), rand(rng, (kv, pos + queries, dim))
+    q = rand(rng, (kv * group, queries, 2 * dim))[:, :, ::2]  # non-contiguous (Hq, T, Dh)
+    got = ops_numba.causal_attention(q, keys.transpose(1, 0, 2).copy().transpose(1, 0, 2), values, dim ** -0.5, pos)
+    mask = np.triu(np.full((queries, pos + queries), -np.inf, dtype=np.float32), k=pos + 1)
+    ref = attention.grouped_attention(q, keys, values, dim ** -0.5, mask)
+    assert got.shape == (kv * group, queries, dim) and got.dtype == np.float32
+    magnitude = np.einsum("htd,jsd->hts", np.abs(q), np.abs(keys)).max() * dim ** -0.5  # over all pairs: a bound
+    atol = np.abs(values).max() * (2e-6 + 8 * np.finfo(np.float32).eps * magnitude)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=atol)
     assert np.all(np.isfinite(got))
 
 

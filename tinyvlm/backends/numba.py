@@ -112,6 +112,12 @@ class NumbaBackend(NumpyBackend):
     def apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         return self._ops.apply_rope(x, cos, sin)
 
+    def causal_attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float,
+                         pos: int) -> np.ndarray:
+        if not self._numba_decode_attention:  # dense layers: BLAS
+            return super().causal_attention(q, keys, values, scale, pos)
+        return self._ops.causal_attention(q, keys, values, scale, pos)
+
     def decode_attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int,
                          scale: float) -> np.ndarray:
         if not self._numba_decode_attention:  # dense layers: see the module docstring

@@ -113,6 +113,47 @@ def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length
     return out
 
 
+
+@numba.njit(parallel=True, fastmath=_FAST, cache=True)
+def _causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, scale: np.float32,
+                      out: np.ndarray) -> None:
+    """out[h, t] = softmax(keys[j, :pos+t+1] q[h, t] * scale) @ values[j, :pos+t+1], j = h // group: query t (at
+    position pos + t) sees the keys up to its own. q (Hq, T, Dh), keys, values (Hkv, S, Dh), all C-contiguous."""
+    heads, n_queries, dim = q.shape
+    group = heads // keys.shape[0]
+    for h in numba.prange(heads):
+        j = h // group
+        scores = np.empty(keys.shape[1], dtype=np.float32)  # (S,)
+        acc = np.empty(dim, dtype=np.float32)  # (Dh,)
+        for t in range(n_queries):
+            length = pos + t + 1
+            top = np.float32(-np.inf)
+            for s in range(length):
+                dot = np.float32(0)
+                for e in range(dim):
+                    dot += q[h, t, e] * keys[j, s, e]
+                scores[s] = dot * scale
+                top = max(top, scores[s])
+            total = np.float32(0)
+            for s in range(length):
+                scores[s] = np.exp(scores[s] - top)
+                total += scores[s]
+            acc[:] = 0
+            for s in range(length):
+                for e in range(dim):
+                    acc[e] += scores[s] * values[j, s, e]
+            for e in range(dim):
+                out[h, t, e] = acc[e] / total
+
+
+def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float, pos: int) -> np.ndarray:
+    """attention.grouped_attention with the causal mask of queries q (Hq, T, Dh) at positions pos .. pos+T-1 over
+    keys, values (Hkv, pos+T, Dh); returns (Hq, T, Dh). No BLAS: see backends/numba.py."""
+    out = np.empty(q.shape, dtype=np.float32)  # (Hq, T, Dh)
+    keys, values = (np.ascontiguousarray(a, dtype=np.float32) for a in (keys, values))
+    _causal_attention(np.ascontiguousarray(q, dtype=np.float32), keys, values, pos, np.float32(scale), out)
+    return out
+
 # ---------------------------------------------------------------- the vision tower's elementwise ops
 
 _LOG2E = np.float32(1.4426950408889634)

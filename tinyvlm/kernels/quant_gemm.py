@@ -200,6 +200,15 @@ def _gemm(code: int, qs: np.ndarray, d: np.ndarray, m: np.ndarray, xp: np.ndarra
                 p += n_p
 
 
+def _zeros_aligned(shape: tuple[int, int], dtype: type) -> np.ndarray:
+    """np.zeros(shape, dtype) starting at a multiple of 64 bytes (NumPy guarantees 16): the kernel's 64-byte
+    loads then never straddle two cache lines (16 or 32 bytes off, the kernel measured 7-9% slower)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(size + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
 @functools.cache
 def kernel_where(kind: str, n_in: int) -> np.ndarray:
     """(in,) int64: the kernel column of each natural input column (q4 nibble order, q6_k plane order)."""
@@ -220,7 +229,7 @@ def panels(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     xd = np.zeros((n_panels * LANES, blocks), dtype=np.float32)
     xs = np.zeros((n_panels * LANES, blocks), dtype=np.float32)
     _quantize_tokens(x, kernel_where(kind, n_in), xq, xd[:n_tokens], xs[:n_tokens])
-    xp = np.zeros((n_panels, n_in * LANES), dtype=np.int16)
+    xp = _zeros_aligned((n_panels, n_in * LANES), np.int16)  # each 64-byte load within one cache line
     _to_panels(xq, xp)
 
     def lanes(v: np.ndarray) -> np.ndarray:
