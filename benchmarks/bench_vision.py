@@ -3,7 +3,7 @@
 Image encode = CLIP ViT-L/14-336 up to the layer MobileVLM selects (23 of 24 layers) + LDPv2, from preprocessed
 pixels to the 144 image tokens. Time to first token = from the raw HxWx3 uint8 image and the prompt ids to the
 greedy first answer token: preprocess, encode, splice, prefill of the whole templated prompt, argmax.
-Engines: tinyvlm (`--quant` picks the LLM's weight format; vision and projector stay fp32), and PyTorch:
+Engines: tinyvlm (`--quant` picks the LLM's weight format, `--vision-weights` the tower's), and PyTorch:
 transformers `CLIPVisionModel` built with 23 layers (so its last_hidden_state is MobileVLM's hidden_states[-2] of
 the 24-layer tower: the same work), an LDPv2 of torch.nn layers and `LlamaForCausalLM` fp32 fed `inputs_embeds`.
 Both engines use tinyvlm's preprocessing and prompt ids, so they differ only in the model compute.
@@ -41,10 +41,10 @@ FirstToken = Callable[[list[int], Any], int]
 
 # ---------------------------------------------------------------- tinyvlm
 
-def tinyvlm_engine(quant: str, threads: int) -> tuple[Encode, FirstToken]:
+def tinyvlm_engine(quant: str, threads: int, vision_weights: str = "float32") -> tuple[Encode, FirstToken]:
     from tinyvlm.backends import make
 
-    backend = make(threads=threads)  # numba when installed, as tinyvlm.load; one backend for the whole model
+    backend = make(threads=threads, vision_weights=vision_weights)  # numba when installed, as tinyvlm.load
     quantizer = load_quantizer(quant)
     rng = np.random.default_rng(0)
     needed = vision_needed_names(VISION)
@@ -125,6 +125,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=("tinyvlm", "torch"), required=True)
     ap.add_argument("--quant", choices=("fp32", "int8", "int4"), default="fp32", help="tinyvlm LLM weight format")
+    ap.add_argument("--vision-weights", choices=("float32", "int8"), default="float32",
+                    help="tinyvlm: the vision tower's linear weights (int8: q8_0, multiplied on int8 activations)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds; medians are reported")
     args = ap.parse_args()
@@ -135,8 +137,8 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         if args.engine == "tinyvlm":
-            encode, first_token = tinyvlm_engine(args.quant, args.threads)
-            record["quant"] = f"vision fp32, llm {args.quant}"
+            encode, first_token = tinyvlm_engine(args.quant, args.threads, args.vision_weights)
+            record["quant"] = f"vision {'fp32' if args.vision_weights == 'float32' else 'int8'}, llm {args.quant}"
         else:
             encode, first_token = torch_engine(args.threads)
             record["quant"] = "vision fp32, llm fp32"

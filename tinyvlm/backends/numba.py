@@ -4,9 +4,10 @@ kernels/ops_numba.py); every other op is the NumPy backend's own.
 What runs in Numba, and why only that (each measured on the 2-core reference VM; the kernels' docstrings say more):
 * quantized linear layers: for one token (and up to backends.numpy.INT8_MAX_TOKENS), the activations
   quantized to int8 and integer dot products (kernels/quant_int8.py), or with float32 activations a
-  fused-dequantization matvec (quant_numba.py); on x86-64 with int8 activations, inputs of GEMM_MIN_TOKENS or
-  more (prompts, and the vision tower's q8_0 layers) go through the int16 GEMM of kernels/quant_gemm.py, 2-4x
-  faster there than the alternative; other long inputs through dequantized tiles into BLAS;
+  fused-dequantization matvec (quant_numba.py); on x86-64 with int8 activations, prompts of GEMM_MIN_TOKENS or
+  more go through the int16 GEMM of kernels/quant_gemm.py (1.2-4.5x faster there than the alternative), and prefill
+  attention runs in Numba, so that no BLAS call sits between two GEMMs; other long inputs (the vision tower's int8
+  layers among them) through dequantized tiles into BLAS;
 * the LLM's RMSNorm, RoPE and SwiGLU step, and decode attention over the cache, but decode attention only when
   the layers are quantized: with dense layers every matvec is OpenBLAS's, and Numba's threads, spinning after a
   parallel kernel between them, cost more than the kernel saves (MobileLLaMA-1.4B fp32 decode: 5.3 tok/s with
@@ -56,6 +57,7 @@ class NumbaBackend(NumpyBackend):
         self._quant_gemm: ModuleType | None = \
             quant_gemm if decode_activations == "int8" and dot_ir.target_family() == "x86" else None
         self._numba_decode_attention = False  # set by `linears` when the layers are quantized
+        self._vision_blocks: set[int] = set()  # id(qs) of the vision tower's quantized matrices (vision_matrix)
         self._scores: np.ndarray | None = None  # the vision attention's (T, T) scores, one head at a time
 
     def activate(self) -> None:
@@ -82,6 +84,12 @@ class NumbaBackend(NumpyBackend):
                 result.append([next(packed) if isinstance(w, QuantizedMatrix) else w for w in group])
         return result
 
+    def vision_matrix(self, w: np.ndarray) -> Weight:
+        matrix = super().vision_matrix(w)
+        if isinstance(matrix, QuantizedMatrix):  # its qs lives as long as the matrix: the id is not reused
+            self._vision_blocks.add(id(matrix.qs))
+        return matrix
+
     @staticmethod
     def _fusable(group: list[Weight]) -> bool:
         """Whether the group becomes one stacked matrix: every member quantized with the same kind and width."""
@@ -92,8 +100,10 @@ class NumbaBackend(NumpyBackend):
 
     def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix, out: np.ndarray | None = None) -> np.ndarray:
         tokens = 1 if x.ndim == 1 else x.shape[0]
-        if self._quant_gemm is not None and tokens >= GEMM_MIN_TOKENS:
-            return self._quant_gemm.matmul(x, w)
+        # The vision tower's int8 layers keep dequantized tiles into BLAS: through the GEMM, with BLAS attention
+        # between them (OpenBLAS's threads spinning on after it), ViT-L encode measured 3.4-4.7 s against 2.8-3.1
+        if self._quant_gemm is not None and tokens >= GEMM_MIN_TOKENS and id(w.qs) not in self._vision_blocks:
+            return self._quant_gemm.matmul(x, w, out)
         if self._quant_int8 is not None and tokens <= self.short_input_tokens:  # integers, row by row
             return self._quant_int8.matmul(np.atleast_2d(x), w).reshape(*x.shape[:-1], -1)
         return self._quant.linear(x, w, out)

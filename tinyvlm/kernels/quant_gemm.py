@@ -23,11 +23,11 @@ numba = _numba.module()  # raises TinyVLMError, saying why, when numba cannot be
 from numba.core import cgutils, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from tinyvlm.kernels.quant_int8 import _quantize_activations  # noqa: E402
 from tinyvlm.kernels.quant_numba import _ordered  # noqa: E402
 
 ROWS, PANELS = 6, 2  # the register tile: weight rows x panels of 16 tokens (28 of the 32 vector registers)
 LANES = gemm_ir.LANES
+BLOCK_BYTES = 1 << 20  # the token panels multiplied with each weight row group at a time: half a core's L2 cache
 
 
 TILES = ((ROWS, PANELS), (ROWS, 1), (1, 1))  # the register tiles a call chooses from, by index
@@ -148,25 +148,45 @@ def _scatter(tmp: np.ndarray, rows: int, n_p: int, o0: int, p: int, y: np.ndarra
                     y[token, o0 + r] = tmp[(r * n_p + q) * LANES + t]
 
 
-@numba.njit(parallel=True, cache=True)
-def _quantize_tokens(x: np.ndarray, where: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> None:
-    """quant_int8's quantizer, the tokens in parallel."""
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _quantize_tokens(x: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> None:
+    """quant_int8's quantizer (q8_0's rule, halves away from zero), the tokens in parallel, in natural order:
+    xq (T, in) int8, xd (T, G) block scales, xs (T, G) scale * block sum."""
     for t in numba.prange(x.shape[0]):
-        _quantize_activations(x[t:t + 1], where, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1])
+        row, q_row = x[t], xq[t]
+        for g in range(xd.shape[1]):
+            block, q_block = row[GROUP * g:GROUP * g + GROUP], q_row[GROUP * g:GROUP * g + GROUP]
+            amax = np.float32(0)
+            for j in range(GROUP):
+                amax = max(amax, abs(block[j]))
+            d = amax / np.float32(127)
+            inv = np.float32(1) / d if d != 0 else np.float32(0)
+            total = 0
+            for j in range(GROUP):
+                v = block[j] * inv
+                a = abs(v)
+                r = np.floor(a)
+                r += np.float32(1) if a - r >= np.float32(0.5) else np.float32(0)
+                q = np.int32(r) if v >= 0 else -np.int32(r)
+                q_block[j] = q
+                total += q
+            xd[t, g] = d
+            xs[t, g] = d * np.float32(total)
 
 
 @numba.njit(parallel=True, cache=True)
-def _to_panels(xq: np.ndarray, xp: np.ndarray) -> None:
-    """xq (T, in) int8 -> xp (P, in 16) int16: column pair kp of token t at panel t // 16, 32 kp + 2 (t % 16).
-    Written in order, 16 rows read side by side (token by token, each store would touch another cache line)."""
+def _to_panels(xq: np.ndarray, order: np.ndarray, xp: np.ndarray) -> None:
+    """xq (T, in) int8 -> xp (P, in 16) int16: kernel column c = natural column order[c]; column pair kp of token t
+    at panel t // 16, 32 kp + 2 (t % 16). Written in order, 16 rows read side by side (token by token, each store
+    would touch another cache line)."""
     n_tokens = xq.shape[0]
     for panel in numba.prange(xp.shape[0]):
         out = xp[panel]
         for t in range(panel * LANES, min(n_tokens, panel * LANES + LANES)):
             row, lane = xq[t], 2 * (t - panel * LANES)
             for kp in range(xq.shape[1] // 2):
-                out[kp * 2 * LANES + lane] = row[2 * kp]
-                out[kp * 2 * LANES + lane + 1] = row[2 * kp + 1]
+                out[kp * 2 * LANES + lane] = row[order[2 * kp]]
+                out[kp * 2 * LANES + lane + 1] = row[order[2 * kp + 1]]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -178,26 +198,29 @@ def _gemm(code: int, qs: np.ndarray, d: np.ndarray, m: np.ndarray, xp: np.ndarra
     out, n_in, n_panels = d.shape[0], xp.shape[1] // LANES, xp.shape[0]
     groups = (out + ROWS - 1) // ROWS
     chunks = min(groups, threads)
+    block = max(PANELS, BLOCK_BYTES // (n_in * 2 * LANES) // PANELS * PANELS)  # panels per block
     for c in numba.prange(chunks):
         w = np.zeros((ROWS, n_in), dtype=np.int16)  # (ROWS, in): the group's rows as integers
         tmp = np.empty(ROWS * PANELS * LANES, dtype=np.float32)
-        for group in range(c * groups // chunks, (c + 1) * groups // chunks):
-            o0 = group * ROWS
-            n_rows = min(ROWS, out - o0)
-            for r in range(n_rows):
-                _expand(code, qs, o0 + r, w[r])
-            p = 0
-            while p < n_panels:
-                n_p = PANELS if p + PANELS <= n_panels else 1
-                if n_rows == ROWS:
-                    _tile(code, 0 if n_p == PANELS else 1, w, d, m, o0, xp, xd, xs, p, tmp)
-                    _scatter(tmp, ROWS, n_p, o0, p, y)
-                else:  # the last rows, one at a time (d and m have no rows past the end)
-                    for r in range(n_rows):
-                        for q in range(n_p):
-                            _tile(code, 2, w[r:r + 1], d, m, o0 + r, xp, xd, xs, p + q, tmp)
-                            _scatter(tmp, 1, 1, o0 + r, p + q, y)
-                p += n_p
+        for first in range(0, n_panels, block):  # a block of panels stays in the core's L2 cache while every
+            last = min(n_panels, first + block)  # group of rows meets it; the rows are expanded once per block
+            for group in range(c * groups // chunks, (c + 1) * groups // chunks):
+                o0 = group * ROWS
+                n_rows = min(ROWS, out - o0)
+                for r in range(n_rows):
+                    _expand(code, qs, o0 + r, w[r])
+                p = first
+                while p < last:
+                    n_p = PANELS if p + PANELS <= last else 1
+                    if n_rows == ROWS:
+                        _tile(code, 0 if n_p == PANELS else 1, w, d, m, o0, xp, xd, xs, p, tmp)
+                        _scatter(tmp, ROWS, n_p, o0, p, y)
+                    else:  # the last rows, one at a time (d and m have no rows past the end)
+                        for r in range(n_rows):
+                            for q in range(n_p):
+                                _tile(code, 2, w[r:r + 1], d, m, o0 + r, xp, xd, xs, p + q, tmp)
+                                _scatter(tmp, 1, 1, o0 + r, p + q, y)
+                    p += n_p
 
 
 def _zeros_aligned(shape: tuple[int, int], dtype: type) -> np.ndarray:
@@ -210,11 +233,9 @@ def _zeros_aligned(shape: tuple[int, int], dtype: type) -> np.ndarray:
 
 
 @functools.cache
-def kernel_where(kind: str, n_in: int) -> np.ndarray:
-    """(in,) int64: the kernel column of each natural input column (q4 nibble order, q6_k plane order)."""
-    where = np.empty(n_in, dtype=np.int64)
-    where[_ordered(np.arange(n_in)[None], kind)[0]] = np.arange(n_in)
-    return where
+def kernel_order(kind: str, n_in: int) -> np.ndarray:
+    """(in,) int64: the natural input column of each kernel column (q4 nibble order, q6_k plane order)."""
+    return np.ascontiguousarray(_ordered(np.arange(n_in, dtype=np.int64)[None], kind)[0])
 
 
 def panels(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -228,9 +249,9 @@ def panels(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     xq = np.empty((n_tokens, n_in), dtype=np.int8)
     xd = np.zeros((n_panels * LANES, blocks), dtype=np.float32)
     xs = np.zeros((n_panels * LANES, blocks), dtype=np.float32)
-    _quantize_tokens(x, kernel_where(kind, n_in), xq, xd[:n_tokens], xs[:n_tokens])
+    _quantize_tokens(x, xq, xd[:n_tokens], xs[:n_tokens])
     xp = _zeros_aligned((n_panels, n_in * LANES), np.int16)  # each 64-byte load within one cache line
-    _to_panels(xq, xp)
+    _to_panels(xq, kernel_order(kind, n_in), xp)
 
     def lanes(v: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(v.reshape(n_panels, LANES, blocks).transpose(0, 2, 1)).reshape(n_panels, -1)
@@ -238,11 +259,13 @@ def panels(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return xp, lanes(xd), lanes(xs)
 
 
-def matmul(x: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
-    """y = q8(x) W'^T: x (T, in) float32 -> (T, out) float32. Oracle: quant.matvec_int8_ref per token."""
+def matmul(x: np.ndarray, qm: QuantizedMatrix, y: np.ndarray | None = None) -> np.ndarray:
+    """y = q8(x) W'^T: x (T, in) float32 -> (T, out) float32, into `y` when given (a C-contiguous float32 (T, out)).
+    Oracle: quant.matvec_int8_ref per token."""
     x = np.atleast_2d(x)
     xp, xd, xs = panels(x, qm.kind)
-    y = np.empty((x.shape[0], qm.shape[0]), dtype=np.float32)
+    if y is None or y.shape != (x.shape[0], qm.shape[0]) or y.dtype != np.float32 or not y.flags.c_contiguous:
+        y = np.empty((x.shape[0], qm.shape[0]), dtype=np.float32)
     m = qm.m if qm.m is not None else qm.d
     _gemm(KIND_CODES[qm.kind], qm.qs, qm.d, m, xp, xd, xs, y, numba.get_num_threads())
     return y
