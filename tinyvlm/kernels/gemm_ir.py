@@ -44,6 +44,41 @@ def _const(v: int) -> ir.Constant:
     return ir.Constant(I64, v)
 
 
+def _open_loop(b: ir.IRBuilder, fn: ir.Function, name: str, count: ir.Value, initial: list[ir.Constant]
+               ) -> tuple[ir.Value, list[ir.Value], ir.Block]:
+    """Start `for i in range(count)` carrying values that start as `initial`: returns (i, their phis, the block
+    after the loop); the builder is left in the body. _close_loop ends it."""
+    pre = b.block
+    head, body, done = (fn.append_basic_block(f"{name}.{s}") for s in ("head", "body", "done"))
+    b.branch(head)
+    b.position_at_end(head)
+    i = b.phi(I64)
+    i.add_incoming(_const(0), pre)
+    carried = []
+    for value in initial:
+        phi = b.phi(value.type)
+        phi.add_incoming(value, pre)
+        carried.append(phi)
+    b.cbranch(b.icmp_signed("<", i, count), body, done)
+    b.position_at_end(body)
+    return i, carried, done
+
+
+def _close_loop(b: ir.IRBuilder, i: ir.Value, carried: list[ir.Value], values: list[ir.Value], done: ir.Block) -> None:
+    """End a loop of _open_loop: the carried phis take `values` and i + 1; the builder moves to the block after."""
+    for phi, value in zip(carried, values):
+        phi.add_incoming(value, b.block)
+    i.add_incoming(b.add(i, _const(1)), b.block)
+    b.branch(i.parent)
+    b.position_at_end(done)
+
+
+def _broadcast(b: ir.IRBuilder, scalar: ir.Value, vf: ir.VectorType) -> ir.Value:
+    """<n x float> of one float."""
+    one = b.insert_element(ir.Constant(vf, None), scalar, ir.Constant(I32, 0))
+    return b.shuffle_vector(one, ir.Constant(vf, None), ir.Constant(_vec(I32, vf.count), [0] * vf.count))
+
+
 def gemm_tile(module: ir.Module, kind: str, rows: int, panels: int) -> ir.Function:
     """void tile(i16* w, i64 w_stride, float* d, i64 d_stride, float* m, i16* xp, i64 xp_stride, float* xd,
     i64 xd_stride, float* xs, float* out, i64 n_in), defined once per module (internal, always inlined):
@@ -74,24 +109,12 @@ def gemm_tile(module: ir.Module, kind: str, rows: int, panels: int) -> ir.Functi
     xd_panels = [b.gep(xd, [b.mul(xd_stride, _const(p))]) for p in range(panels)]
     xs_panels = [b.gep(xs, [b.mul(xd_stride, _const(p))]) for p in range(panels)]
 
-    entry = b.block
-    head, body, done = (fn.append_basic_block(s) for s in ("head", "body", "done"))
-    b.branch(head)
-    b.position_at_end(head)
-    g = b.phi(I64)
-    g.add_incoming(_const(0), entry)
-    accs = [[b.phi(vf) for _ in range(panels)] for _ in range(rows)]
-    for row in accs:
-        for acc in row:
-            acc.add_incoming(_splat(F32, LANES, 0.0), entry)
-    b.cbranch(b.icmp_signed("<", g, blocks), body, done)
-    b.position_at_end(body)
-    totals = [[acc for acc in row] for row in accs]
+    g, flat_accs, done = _open_loop(b, fn, "blocks", blocks, [_splat(F32, LANES, 0.0)] * (rows * panels))
+    totals = [flat_accs[r * panels:(r + 1) * panels] for r in range(rows)]
     pair_lo = [2 * k for k in range(LANES)]
     pair_hi = [2 * k + 1 for k in range(LANES)]
     splat_pair = [k % 2 for k in range(2 * LANES)]
     x_scales = [_load(b, vf, xd_panels[p], b.mul(g, _const(LANES)), 4) for p in range(panels)]
-    runs = segments // spb  # runs per scale
     # pairs of columns per scale, 16 (q6_k 8), derived from the arguments so that LLVM keeps the inner loop: fully
     # unrolled, its int32 sums become one dependency chain and x86's machine combiner splits vpdpwssd into
     # vpmaddwd + vpaddd; in a loop each sum is a phi, and stays one vpdpwssd
@@ -101,18 +124,8 @@ def gemm_tile(module: ir.Module, kind: str, rows: int, panels: int) -> ir.Functi
     per_run = run // 2
     runs = segments // spb  # runs per scale
     for f in range(spb):
-        pre = b.block
-        ihead, ibody, idone = (fn.append_basic_block(f"{s}{f}") for s in ("ihead", "ibody", "idone"))
-        b.branch(ihead)
-        b.position_at_end(ihead)
-        i = b.phi(I64)
-        i.add_incoming(_const(0), pre)
-        ints = [[b.phi(vi) for _ in range(panels)] for _ in range(rows)]
-        for row in ints:
-            for acc in row:
-                acc.add_incoming(ir.Constant(vi, None), pre)
-        b.cbranch(b.icmp_signed("<", i, trip), ibody, idone)
-        b.position_at_end(ibody)
+        i, flat_ints, inner_done = _open_loop(b, fn, f"pairs{f}", trip, [ir.Constant(vi, None)] * (rows * panels))
+        ints = [flat_ints[r * panels:(r + 1) * panels] for r in range(rows)]
         seg = b.add(_const(f * runs), b.udiv(i, _const(per_run)))
         col = b.add(b.add(b.mul(seg_cols, seg), b.mul(g, _const(run))), b.mul(b.urem(i, _const(per_run)), _const(2)))
         xs_vec = [b.sext(_load(b, _vec(I16, 2 * LANES), x_panels[p], b.mul(col, _const(LANES)), 2), wide)
@@ -125,35 +138,20 @@ def gemm_tile(module: ir.Module, kind: str, rows: int, panels: int) -> ir.Functi
             for p in range(panels):
                 prod = b.mul(w_vec, xs_vec[p])
                 new_ints[r][p] = b.add(ints[r][p], b.add(_shuffle(b, prod, pair_lo), _shuffle(b, prod, pair_hi)))
+        _close_loop(b, i, flat_ints, [v for row in new_ints for v in row], inner_done)
         for r in range(rows):
-            for p in range(panels):
-                ints[r][p].add_incoming(new_ints[r][p], b.block)
-        i.add_incoming(b.add(i, _const(1)), b.block)
-        b.branch(ihead)
-        b.position_at_end(idone)
-        for r in range(rows):
-            w_scale = b.load(b.gep(d_rows[r], [b.add(b.mul(g, _const(spb)), _const(f))]), align=4)
-            w_splat = b.shuffle_vector(b.insert_element(ir.Constant(vf, None), w_scale, ir.Constant(I32, 0)),
-                                       ir.Constant(vf, None), ir.Constant(_vec(I32, LANES), [0] * LANES))
+            w_splat = _broadcast(b, b.load(b.gep(d_rows[r], [b.add(b.mul(g, _const(spb)), _const(f))]), align=4), vf)
             for p in range(panels):
                 scale = b.fmul(x_scales[p], w_splat)
                 totals[r][p] = b.call(fmuladd, [b.sitofp(ints[r][p], vf), scale, totals[r][p]])
     if kind == "q4_1":
         sums = [_load(b, vf, xs_panels[p], b.mul(g, _const(LANES)), 4) for p in range(panels)]
         for r in range(rows):
-            m_scalar = b.load(b.gep(m_rows[r], [g]), align=4)
-            m_splat = b.shuffle_vector(b.insert_element(ir.Constant(vf, None), m_scalar, ir.Constant(I32, 0)),
-                                       ir.Constant(vf, None), ir.Constant(_vec(I32, LANES), [0] * LANES))
+            m_splat = _broadcast(b, b.load(b.gep(m_rows[r], [g]), align=4), vf)
             for p in range(panels):
                 totals[r][p] = b.call(fmuladd, [m_splat, sums[p], totals[r][p]])
-    for r in range(rows):
-        for p in range(panels):
-            accs[r][p].add_incoming(totals[r][p], b.block)
-    g.add_incoming(b.add(g, _const(1)), b.block)
-    b.branch(head)
-    b.position_at_end(done)
-    for r in range(rows):
-        for p in range(panels):
-            b.store(accs[r][p], b.bitcast(b.gep(out, [_const((r * panels + p) * LANES)]), vf.as_pointer()), align=4)
+    _close_loop(b, g, flat_accs, [v for row in totals for v in row], done)
+    for k, acc in enumerate(flat_accs):  # out[r, p] at k = r panels + p
+        b.store(acc, b.bitcast(b.gep(out, [_const(k * LANES)]), vf.as_pointer()), align=4)
     b.ret_void()
     return fn

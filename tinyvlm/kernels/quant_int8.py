@@ -88,27 +88,36 @@ _dot_q8, _dot_q8_tile = row_dot_intrinsic("q8_0"), row_dot_intrinsic("q8_0", tok
 _dot_q6, _dot_q6_tile = row_dot_intrinsic("q6_k"), row_dot_intrinsic("q6_k", tokens=TOKENS)
 
 
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _quantize_block(x: np.ndarray, q: np.ndarray) -> tuple[np.float32, int]:
+    """One block of 32 activations x to int8 q with q8_0's rule; returns (its scale d, the sum of q)."""
+    amax = np.float32(0)
+    for j in range(GROUP):
+        amax = max(amax, abs(x[j]))
+    d = amax / np.float32(127)
+    inv = np.float32(1) / d if d != 0 else np.float32(0)
+    total = 0
+    for j in range(GROUP):
+        v = x[j] * inv
+        a = abs(v)
+        r = np.floor(a)
+        r += np.float32(1) if a - r >= np.float32(0.5) else np.float32(0)  # round half away from zero
+        q[j] = np.int32(r) if v >= 0 else -np.int32(r)
+        total += q[j]
+    return d, total
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _quantize_activations(x: np.ndarray, where: np.ndarray, xq: np.ndarray, xl: np.ndarray, xs: np.ndarray) -> None:
     """x (T, in) float32 -> xq (T, in) int8 with element k at where[k], xl (T, G L) each block's scale L times,
     xs (T, G) = scale * sum(xq) per block."""
     per = xl.shape[1] // xs.shape[1]
+    q = np.empty(GROUP, dtype=np.int8)
     for t in range(x.shape[0]):
         for g in range(xs.shape[1]):
-            amax = np.float32(0)
+            d, total = _quantize_block(x[t, GROUP * g:GROUP * g + GROUP], q)
             for j in range(GROUP):
-                amax = max(amax, abs(x[t, GROUP * g + j]))
-            d = amax / np.float32(127)
-            inv = np.float32(1) / d if d != 0 else np.float32(0)
-            total = 0
-            for j in range(GROUP):
-                v = x[t, GROUP * g + j] * inv
-                a = abs(v)
-                r = np.floor(a)
-                r += np.float32(1) if a - r >= np.float32(0.5) else np.float32(0)  # round half away from zero
-                q = np.int32(r) if v >= 0 else -np.int32(r)
-                xq[t, where[GROUP * g + j]] = q
-                total += q
+                xq[t, where[GROUP * g + j]] = q[j]
             xl[t, per * g:per * g + per] = d
             xs[t, g] = d * np.float32(total)
 
