@@ -147,7 +147,7 @@ def test_ops_agree(pair: tuple[NumpyBackend, NumpyBackend]) -> None:
     cos, sin = numpy_bk.rope_tables(16, 7, 1e4)
     same("apply_rope", rand(rng, (3, 7, 16)), cos, sin)
     keys, values = rand(rng, (9, 2, 16)), rand(rng, (9, 2, 16))
-    numba_bk._numba_decode_attention = True  # as with quantized layers
+    numba_bk._numba_attention = True  # as with quantized layers
     same("decode_attention", rand(rng, (4, 16)), keys, values, length=6, scale=0.25)
     q, k, v = rand(rng, (2, 5, 8)), rand(rng, (2, 5, 8)), rand(rng, (2, 5, 8))
     outs = [bk.attention(q.copy(), k, v, 0.35, out=np.empty((5, 2, 8), np.float32)) for bk in pair]

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.test_kernels_int8 import _cpu_features, _options, dequantized_activations
+from tests.test_kernels_int8 import _cpu_features, _options, dequantized_activations, same_bits_on_1_and_2_threads
 from tests.test_kernels_quant import ALL_KINDS, SETTINGS, assert_close, kernel_cases, make_case, make_matrix
-from tinyvlm.kernels import _numba, quant
+from tinyvlm.kernels import quant
 
 BACKEND_FREE = True  # kernels only
 
@@ -58,15 +58,7 @@ def test_threads_give_identical_bits(kind: str) -> None:
     rng = np.random.default_rng(11)
     qm = make_matrix(rng.standard_normal((203, 32 * 5)).astype(np.float32), kind, rng)
     x = rng.standard_normal((40, 32 * 5)).astype(np.float32)
-    before = _numba.get_threads()
-    try:
-        results = []
-        for threads in (1, 2) if _numba.module().config.NUMBA_NUM_THREADS >= 2 else (1,):
-            _numba.set_threads(threads)
-            results.append(quant_gemm.matmul(x, qm).view(np.uint32))
-    finally:
-        _numba.set_threads(before)
-    assert all(np.array_equal(r, results[0]) for r in results)
+    assert same_bits_on_1_and_2_threads(lambda: quant_gemm.matmul(x, qm))
 
 
 def test_compiles_to_vnni_on_x86() -> None:

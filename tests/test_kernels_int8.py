@@ -100,19 +100,24 @@ def test_int8_activations_error_against_float32(case: tuple) -> None:
     assert np.all(err <= bound + slack), float(np.max(err - bound - slack))
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
-def test_threads_give_identical_bits(kind: str) -> None:
-    qm = make_matrix(make_weight("mixed_scales", 203, 32 * 7, seed=11), kind, np.random.default_rng(11))
-    x = np.random.default_rng(2).standard_normal(32 * 7).astype(np.float32)
+def same_bits_on_1_and_2_threads(run) -> bool:
+    """Whether run() (a float32 array) gives the same bits on 1 and on 2 Numba threads (where 2 exist)."""
     before = _numba.get_threads()
     try:
         results = []
         for threads in (1, 2) if _numba.module().config.NUMBA_NUM_THREADS >= 2 else (1,):
             _numba.set_threads(threads)
-            results.append(quant_int8.matvec(qm, x).view(np.uint32))
+            results.append(run().view(np.uint32))
     finally:
         _numba.set_threads(before)
-    assert all(np.array_equal(r, results[0]) for r in results)
+    return all(np.array_equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_threads_give_identical_bits(kind: str) -> None:
+    qm = make_matrix(make_weight("mixed_scales", 203, 32 * 7, seed=11), kind, np.random.default_rng(11))
+    x = np.random.default_rng(2).standard_normal(32 * 7).astype(np.float32)
+    assert same_bits_on_1_and_2_threads(lambda: quant_int8.matvec(qm, x))
 
 
 def _options(kernel) -> dict:

@@ -48,7 +48,6 @@ class NumbaBackend(NumpyBackend):
             _numba.check_threads(threads)
         from tinyvlm.kernels import dot_ir, ops_numba, quant_gemm, quant_int8, quant_numba  # compiled or cached
 
-
         self._ops: ModuleType = ops_numba
         self._quant: ModuleType = quant_numba
         self._quant_int8: ModuleType | None = quant_int8 if decode_activations == "int8" else None
@@ -56,7 +55,7 @@ class NumbaBackend(NumpyBackend):
         # dequantized tiles into BLAS (x86-64; on ARM64 its form has no integer dot product, and was not timed)
         self._quant_gemm: ModuleType | None = \
             quant_gemm if decode_activations == "int8" and dot_ir.target_family() == "x86" else None
-        self._numba_decode_attention = False  # set by `linears` when the layers are quantized
+        self._numba_attention = False  # the LLM's attention in Numba: set by `linears` when its layers are quantized
         self._vision_blocks: set[int] = set()  # id(qs) of the vision tower's quantized matrices (vision_matrix)
         self._scores: np.ndarray | None = None  # the vision attention's (T, T) scores, one head at a time
 
@@ -72,7 +71,7 @@ class NumbaBackend(NumpyBackend):
         packs = [[group] if self._fusable(group) else [[w] for w in group if isinstance(w, QuantizedMatrix)]
                  for group in prepared]  # group -> the lists of matrices that become one packed matrix each
         flat = [pack for group_packs in packs for pack in group_packs]
-        self._numba_decode_attention = bool(flat)
+        self._numba_attention = bool(flat)
         if not flat:
             return prepared
         packed = iter(quant.pack_together(flat, release))  # the file pages each weight came from are given back
@@ -124,13 +123,13 @@ class NumbaBackend(NumpyBackend):
 
     def causal_attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float,
                          pos: int) -> np.ndarray:
-        if not self._numba_decode_attention:  # dense layers: BLAS
+        if not self._numba_attention:  # dense layers: BLAS
             return super().causal_attention(q, keys, values, scale, pos)
         return self._ops.causal_attention(q, keys, values, scale, pos)
 
     def decode_attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int,
                          scale: float) -> np.ndarray:
-        if not self._numba_decode_attention:  # dense layers: see the module docstring
+        if not self._numba_attention:  # dense layers: see the module docstring
             return super().decode_attention(q, keys, values, length, scale)
         return self._ops.decode_attention(q, keys, values, length, scale)
 

@@ -113,7 +113,6 @@ def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length
     return out
 
 
-
 @numba.njit(parallel=True, fastmath=_FAST, cache=True)
 def _causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int, scale: np.float32,
                       out: np.ndarray) -> None:
@@ -153,6 +152,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale:
     keys, values = (np.ascontiguousarray(a, dtype=np.float32) for a in (keys, values))
     _causal_attention(np.ascontiguousarray(q, dtype=np.float32), keys, values, pos, np.float32(scale), out)
     return out
+
 
 # ---------------------------------------------------------------- the vision tower's elementwise ops
 
