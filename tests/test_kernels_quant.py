@@ -15,6 +15,8 @@ Tolerances (measured maxima in brackets, over 486 cases like this suite's):
 """
 from __future__ import annotations
 
+import weakref
+
 import gguf
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import examples
 from tinyvlm.errors import TinyVLMError, WeightsError
-from tinyvlm.kernels import _numba, quant, quant_numba
+from tinyvlm.kernels import _numba, packing, quant, quant_numba
 from tinyvlm.kernels.quant import GROUP, QuantizedMatrix
 
 BACKEND_FREE = True  # no model runs here: kernels, files and text only
@@ -262,20 +264,48 @@ def test_pack_together_keeps_values_in_one_aligned_buffer() -> None:
     mats = [quant.quantize(make_weight("normal", out, n_in, seed=out), kind)
             for out, n_in, kind in ((3, 64, "q4_0"), (5, 32, "q4_1"), (7, 96, "q8_0"), (1, 32, "q4_1"))]
     mats.append(random_q6_k(4, 64, np.random.default_rng(0)))
-    packed = quant.pack_together([[qm] for qm in mats])
+    packed = packing.pack_together([[qm] for qm in mats])
     assert len(packed) == len(mats)
     arrays = [a for qm in packed for a in (qm.qs, qm.d, qm.m) if a is not None]
     assert len({id(a.base) for a in arrays}) == 1  # views of one buffer
     assert all(a.ctypes.data % 64 == 0 for a in arrays)
-    assert min(a.ctypes.data for a in arrays) % quant.HUGE_PAGE == 0
+    assert min(a.ctypes.data for a in arrays) % packing.HUGE_PAGE == 0
     for old, new in zip(mats, packed):
         assert (new.kind, new.shape) == (old.kind, old.shape)
         assert np.array_equal(bits(quant.dequantize(new)), bits(quant.dequantize(old)))
     copied: list[np.ndarray] = []
     q, k = mats[1], quant.quantize(make_weight("normal", 2, 32, seed=9), "q4_1")
-    (stacked,) = quant.pack_together([[q, k]], copied.append)  # rows stacked, as q, k and v are
+    (stacked,) = packing.pack_together([[q, k]], copied.append)  # rows stacked, as q, k and v are
     assert stacked.shape == (7, 32) and len(copied) == 6  # qs, d and m of both
     assert np.array_equal(bits(quant.dequantize(stacked)),
                           bits(np.concatenate([quant.dequantize(q), quant.dequantize(k)])))
     with pytest.raises(ValueError, match="one kind and one input width"):
-        quant.pack_together([[mats[0], mats[1]]])
+        packing.pack_together([[mats[0], mats[1]]])
+
+
+def test_pack_together_makes_deferred_matrices_one_at_a_time() -> None:
+    """A Deferred member is made when its rows are copied and let go before the next is made, so a loader's
+    converted copies never all exist at once; the packed values are those of the made matrices."""
+    mats = [quant.quantize(make_weight("normal", out, 64, seed=out), "q4_1") for out in (3, 5, 2)]
+    mats.append(random_q6_k(4, 64, np.random.default_rng(1)))
+    made, alive = [], []
+
+    def maker(i: int):
+        def make() -> QuantizedMatrix:
+            assert not any(ref() is not None for ref in alive), "the previous matrix is still held"
+            qm = QuantizedMatrix(mats[i].kind, mats[i].shape, mats[i].qs.copy(), mats[i].d.copy(),
+                                 None if mats[i].m is None else mats[i].m.copy())
+            made.append(i)
+            alive.append(weakref.ref(qm.qs.base if qm.qs.base is not None else qm.qs))
+            return qm
+        return make
+
+    deferred = [packing.Deferred(qm.kind, qm.shape, maker(i)) for i, qm in enumerate(mats)]
+    stacked, alone = packing.pack_together([deferred[:3], [deferred[3]]])
+    assert made == [0, 1, 2, 3]
+    assert np.array_equal(bits(quant.dequantize(stacked)),
+                          bits(np.concatenate([quant.dequantize(qm) for qm in mats[:3]])))
+    assert np.array_equal(bits(quant.dequantize(alone)), bits(quant.dequantize(mats[3])))
+    wrong = packing.Deferred("q4_0", mats[0].shape, lambda: mats[0])
+    with pytest.raises(ValueError, match="made a q4_1 one"):
+        packing.pack_together([[wrong]])

@@ -4,7 +4,7 @@
 reports the error it made. `save_quantized` writes a model directory whose `model.safetensors` holds the
 quantized arrays (`<name>.qs`, `<name>.d`, `<name>.m`) and says what it is in its metadata (format, version,
 quant, group size, the kind of every quantized tensor, source), so that `load` memory-maps it (the language
-model then packs the arrays into one buffer: quant.pack_together) and never has to infer anything from a
+model then packs the arrays into one buffer: packing.pack_together) and never has to infer anything from a
 file name. The lm_head is kept at int8 under int4, as llama.cpp keeps the output
 matrix at higher precision; the embedding table stays float (only one row per token is read).
 """

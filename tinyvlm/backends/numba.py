@@ -14,7 +14,8 @@ What runs in Numba, and why only that (each measured on the 2-core reference VM;
   NumPy's attention, 4.1 with Numba's);
 * the vision tower's softmax, quick-GELU and LayerNorm, and the projector's exact GELU.
 Weights: the q/k/v and gate/up matrices are stacked into one when quantized alike (one kernel call reads x once),
-and every quantized matrix is copied into one huge-page-aligned buffer (quant.pack_together: decode 18% faster).
+and every quantized matrix is copied into one huge-page-aligned buffer (packing.pack_together: decode 18% faster),
+converted from a file's blocks one at a time as it is copied (packing.Deferred).
 Dense matrices are left where they are: BLAS gains nothing from stacking, and memory-mapped files stay lazy.
 numba is imported when the backend is made, never when tinyvlm is imported. Like the model that holds it, a
 backend runs one call at a time (it keeps the vision attention's scores buffer between calls).
@@ -28,10 +29,12 @@ import numpy as np
 
 from tinyvlm.backends.numpy import NumpyBackend, Weight
 from tinyvlm.errors import TinyVLMError
-from tinyvlm.kernels import _numba, quant
+from tinyvlm.kernels import _numba, packing
+from tinyvlm.kernels.packing import Deferred
 from tinyvlm.kernels.quant import QuantizedMatrix
 from tinyvlm.weights.pages import release
 
+QUANTIZED = (QuantizedMatrix, Deferred)  # what linears receives quantized: made, or made as it is packed
 GEMM_MIN_TOKENS = 10  # fewer tokens waste most of a panel's 16 lanes: the per-row kernels (quant_int8) are faster
 
 
@@ -67,20 +70,20 @@ class NumbaBackend(NumpyBackend):
     # ---------------------------------------------------------------- weights
 
     def linears(self, groups: Sequence[Sequence[Weight]]) -> list[list[Weight]]:
-        prepared = super().linears(groups)
-        packs = [[group] if self._fusable(group) else [[w] for w in group if isinstance(w, QuantizedMatrix)]
+        prepared = [[w if isinstance(w, QUANTIZED) else self.dense(w) for w in group] for group in groups]
+        packs = [[group] if self._fusable(group) else [[w] for w in group if isinstance(w, QUANTIZED)]
                  for group in prepared]  # group -> the lists of matrices that become one packed matrix each
         flat = [pack for group_packs in packs for pack in group_packs]
         self._numba_attention = bool(flat)
         if not flat:
             return prepared
-        packed = iter(quant.pack_together(flat, release))  # the file pages each weight came from are given back
+        packed = iter(packing.pack_together(flat, release))  # the file pages each weight came from are given back
         result = []
         for group, group_packs in zip(prepared, packs):
             if group_packs and len(group_packs[0]) > 1:  # the group stacked into one matrix
                 result.append([next(packed)])
             else:
-                result.append([next(packed) if isinstance(w, QuantizedMatrix) else w for w in group])
+                result.append([next(packed) if isinstance(w, QUANTIZED) else w for w in group])
         return result
 
     def vision_matrix(self, w: np.ndarray) -> Weight:
@@ -92,7 +95,7 @@ class NumbaBackend(NumpyBackend):
     @staticmethod
     def _fusable(group: list[Weight]) -> bool:
         """Whether the group becomes one stacked matrix: every member quantized with the same kind and width."""
-        return len(group) > 1 and all(isinstance(w, QuantizedMatrix) for w in group) \
+        return len(group) > 1 and all(isinstance(w, QUANTIZED) for w in group) \
             and len({(w.kind, w.shape[1]) for w in group}) == 1  # type: ignore[union-attr]
 
     # ---------------------------------------------------------------- linear layers

@@ -27,7 +27,6 @@ nothing is lost or added either way.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,7 +168,9 @@ def from_gguf_blocks(kind: str, raw: bytes | np.ndarray, shape: tuple[int, int])
     return QuantizedMatrix(kind, (out, n_in), blocks[..., 2:].reshape(out, n_in).view(np.int8), d)
 
 
-EXACT_GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q6_K")  # each becomes a matrix that equals it
+# GGUF type -> the kind of matrix that equals it (from_gguf_tensor)
+EXACT_GGUF_KINDS = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0", "Q4_K": "q4_1", "Q5_0": "q8_0", "Q6_K": "q6_k"}
+EXACT_GGUF_TYPES = tuple(EXACT_GGUF_KINDS)
 
 
 def from_gguf_tensor(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> QuantizedMatrix:
@@ -276,46 +277,3 @@ def matvec_int8_ref(qm: QuantizedMatrix, x: np.ndarray) -> np.ndarray:
         elif qm.kind == "q4_1":
             y += qm.m.astype(np.float64) @ sums
     return y.astype(np.float32)
-
-
-HUGE_PAGE = 2 << 20  # bytes: the x86-64 and common ARM64 transparent huge page
-
-
-def pack_together(groups: list[list[QuantizedMatrix]], copied: Callable[[np.ndarray], None] | None = None
-                  ) -> list[QuantizedMatrix]:
-    """One matrix per group, its members' rows stacked in order (one kind and input width per group: q, k and v
-    read the same input, so one kernel call serves them), all arrays in one buffer aligned to a huge page, each
-    array to 64 bytes. `copied(a)` is called on each source array once its values are in the buffer.
-
-    Decode streams every weight once per token. In separate arrays the weights sit mostly on 4 KiB pages, and
-    the page walks cost more than the arithmetic saves: on the reference VM, MobileLLaMA-1.4B int4 decode
-    ran at 13.5 tok/s from the quantizer's arrays and 15.9 from one buffer, which NumPy marks for transparent
-    huge pages (madvise, its default on Linux for arrays of 4 MiB and more). Where huge pages are off this
-    is one copy and no change in speed. Stacking here, not before, copies each weight once.
-    """
-    for group in groups:
-        if len({(qm.kind, qm.shape[1]) for qm in group}) != 1:
-            raise ValueError("pack_together stacks matrices of one kind and one input width per group")
-    fields = [[[getattr(qm, f) for qm in group] for f in ("qs", "d", "m") if getattr(group[0], f) is not None]
-              for group in groups]  # group -> field -> its members' arrays
-    stacked_shapes = [[(sum(a.shape[0] for a in parts), *parts[0].shape[1:]) for parts in group] for group in fields]
-    sizes = [[-(-int(np.prod(shape)) * parts[0].itemsize // 64) * 64 for shape, parts in zip(shapes, group)]
-             for shapes, group in zip(stacked_shapes, fields)]  # each rounded up to a cache line
-    buffer = np.empty(sum(map(sum, sizes)) + HUGE_PAGE, dtype=np.uint8)
-    offset = -buffer.ctypes.data % HUGE_PAGE
-    packed = []
-    for group, parts_of, shapes, group_sizes in zip(groups, fields, stacked_shapes, sizes):
-        views = []
-        for parts, shape, size in zip(parts_of, shapes, group_sizes):
-            view = buffer[offset:offset + size].view(parts[0].dtype)[:int(np.prod(shape))].reshape(shape)
-            row = 0
-            for a in parts:
-                view[row:row + a.shape[0]] = a
-                row += a.shape[0]
-                if copied is not None:  # the loader's: give back a memory-mapped file's pages (weights/pages.py)
-                    copied(a)
-            views.append(view)
-            offset += size
-        qs, d, *m = views
-        packed.append(QuantizedMatrix(group[0].kind, (qs.shape[0], group[0].shape[1]), qs, d, m[0] if m else None))
-    return packed

@@ -6,7 +6,9 @@ once), and so do Q4_K and Q5_0, as the q4_1 and q8_0 matrices they equal (kernel
 Q4_K_M file loads bit-exact. The other quantized kinds (Q5_1, Q5_K) are dequantized and
 requantized to Q8_0 (quantize.CONVERTED_KIND);
 F32 / F16 / BF16 become float32, or are quantized by `quant` with the same block kinds as every other path
-(quantize.BLOCK_KINDS). The q and k rows that llama.cpp's converter permuted are put back in Hugging Face order (a
+(quantize.BLOCK_KINDS). Every quantized matrix is converted only when the backend packs it, one at a time
+(kernels/packing.Deferred): MobileLLaMA-1.4B's load peak went from 2011 to 1275 MiB (Q4_0) and from 2431 to 1624
+MiB (Q4_K_M). The q and k rows that llama.cpp's converter permuted are put back in Hugging Face order (a
 row permutation, so quantized blocks move whole). A tied model (no output.weight) uses the embedding table as its
 head, kept quantized for the matvec and float for lookups. MobileVLM LLM files carry no chat template, so they
 keep MobileVLM's v1 template.
@@ -20,6 +22,8 @@ so its features are not a reference.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,9 @@ from tinyvlm.config import ModelConfig
 from tinyvlm.config.gguf import text_config_from_gguf, vision_configs_from_mmproj
 from tinyvlm.errors import ConfigError, TokenizerError, WeightsError
 from tinyvlm.limits import short, text
-from tinyvlm.kernels.quant import EXACT_GGUF_TYPES, GROUP, QuantizedMatrix, from_gguf_tensor, quantize
+from tinyvlm.kernels.packing import Deferred
+from tinyvlm.kernels.quant import (EXACT_GGUF_KINDS, EXACT_GGUF_TYPES, GROUP, QuantizedMatrix, from_gguf_tensor,
+                                   quantize)
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.projector import build_projector
 from tinyvlm.prompt import detect
@@ -68,12 +74,36 @@ def _rows_permuted(qm: QuantizedMatrix, order: np.ndarray) -> QuantizedMatrix:
     return QuantizedMatrix(qm.kind, qm.shape, qm.qs[order], qm.d[order], None if qm.m is None else qm.m[order])
 
 
-def _matrix(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
+def _permuted(make: Callable[[], QuantizedMatrix], order: np.ndarray) -> QuantizedMatrix:
+    return _rows_permuted(make(), order)
+
+
+def _planned_kind(tensor: GGUFTensor, name: str, quant: str | None) -> str | None:
+    """The block kind _convert gives the 2-D weight `name`, or None when it stays float32: from the header alone."""
+    if tensor.type_name in EXACT_GGUF_KINDS:
+        return EXACT_GGUF_KINDS[tensor.type_name]
+    if tensor.shape[1] % GROUP:
+        return None
+    if tensor.type_name not in FLOAT_TYPES:
+        return CONVERTED_KIND
+    return None if quant is None else block_kind(quant, name)
+
+
+def _made(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
     """The 2-D weight `name` (ours) for the kernels (see _convert); the file pages it was copied from are given
     back (weights/pages.py)."""
     w = _convert(tensor, name, quant)
     release(tensor.raw, *((w.qs, w.d, w.m) if isinstance(w, QuantizedMatrix) else (w,)))
     return w
+
+
+def _matrix(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | Deferred:
+    """A float32 weight now, or a quantized one as a Deferred: the backend converts it when it packs it, so that
+    the converted copies of every matrix never exist at once (kernels/packing.py)."""
+    kind = _planned_kind(tensor, name, quant)
+    if kind is None:
+        return _made(tensor, name, quant)
+    return Deferred(kind, tuple(tensor.shape), functools.partial(_made, tensor, name, quant))  # type: ignore
 
 
 def _convert(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
@@ -108,7 +138,7 @@ def load_gguf(path: str | Path, quant: str | None, backend: Backend,
         raise WeightsError(f"{path}: tensors the llama name table does not know: {listing(unknown, 10)}")
     check_tensors({hf: f.tensors[name].shape for name, hf in ours.items()}, language_expected_shapes(text_cfg),
                   str(path), optional=["lm_head.weight"])  # before anything is converted
-    weights: dict[str, np.ndarray | QuantizedMatrix] = {}
+    weights: dict[str, np.ndarray | Deferred] = {}
     for done, (name, hf) in enumerate(ours.items(), 1):
         tensor = f.tensors[name]
         if hf == "model.embed_tokens.weight":
@@ -122,8 +152,9 @@ def load_gguf(path: str | Path, quant: str | None, backend: Backend,
         if hf.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = text_cfg.num_attention_heads if "q_proj" in hf else text_cfg.num_key_value_heads
             w = weights[hf]
-            if isinstance(w, QuantizedMatrix):
-                weights[hf] = _rows_permuted(w, unpermute_qk(np.arange(w.shape[0])[:, None], heads)[:, 0])
+            if isinstance(w, Deferred):
+                order = unpermute_qk(np.arange(w.shape[0])[:, None], heads)[:, 0]
+                weights[hf] = Deferred(w.kind, w.shape, functools.partial(_permuted, w.make, order))
             else:
                 weights[hf] = unpermute_qk(w, heads)
         if progress is not None:
