@@ -138,7 +138,7 @@ def saved(checkpoints, tmp_path_factory):
 def test_file_round_trip_by_memory_map(saved, quantized):
     vlm = tinyvlm.load(saved, decode_activations="float32")  # as `quantized`
     assert vlm.quant == "int4"
-    # Read through the memory map; the numba backend then packs it into one huge-page buffer (quant.pack_together)
+    # Read through the memory map; the numba backend then packs it into one huge-page buffer (packing.pack_together)
     lm = vlm.language
     mats = [m for layer in lm.layers for m in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down_proj)]
     assert all(isinstance(m, QuantizedMatrix) for m in mats) and isinstance(lm.lm_head, QuantizedMatrix)

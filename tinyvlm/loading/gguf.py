@@ -89,7 +89,7 @@ def _planned_kind(tensor: GGUFTensor, name: str, quant: str | None) -> str | Non
     return None if quant is None else block_kind(quant, name)
 
 
-def _made(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
+def _converted(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
     """The 2-D weight `name` (ours) for the kernels (see _convert); the file pages it was copied from are given
     back (weights/pages.py)."""
     w = _convert(tensor, name, quant)
@@ -102,8 +102,8 @@ def _matrix(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | De
     the converted copies of every matrix never exist at once (kernels/packing.py)."""
     kind = _planned_kind(tensor, name, quant)
     if kind is None:
-        return _made(tensor, name, quant)
-    return Deferred(kind, tuple(tensor.shape), functools.partial(_made, tensor, name, quant))  # type: ignore
+        return _converted(tensor, name, quant)
+    return Deferred(kind, tuple(tensor.shape), functools.partial(_converted, tensor, name, quant))  # type: ignore
 
 
 def _convert(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
