@@ -296,7 +296,7 @@ def test_pack_together_makes_deferred_matrices_one_at_a_time() -> None:
             qm = QuantizedMatrix(mats[i].kind, mats[i].shape, mats[i].qs.copy(), mats[i].d.copy(),
                                  None if mats[i].m is None else mats[i].m.copy())
             made.append(i)
-            alive.append(weakref.ref(qm.qs.base if qm.qs.base is not None else qm.qs))
+            alive.append(weakref.ref(qm.qs))
             return qm
         return make
 

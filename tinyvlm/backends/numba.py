@@ -30,11 +30,10 @@ import numpy as np
 from tinyvlm.backends.numpy import NumpyBackend, Weight
 from tinyvlm.errors import TinyVLMError
 from tinyvlm.kernels import _numba, packing
-from tinyvlm.kernels.packing import Deferred
+from tinyvlm.kernels.packing import PACKABLE as QUANTIZED
 from tinyvlm.kernels.quant import QuantizedMatrix
 from tinyvlm.weights.pages import release
 
-QUANTIZED = (QuantizedMatrix, Deferred)  # what linears receives quantized: made, or made as it is packed
 GEMM_MIN_TOKENS = 10  # fewer tokens waste most of a panel's 16 lanes: the per-row kernels (quant_int8) are faster
 
 

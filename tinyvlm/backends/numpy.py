@@ -15,7 +15,7 @@ import numpy as np
 
 from tinyvlm.errors import TinyVLMError
 from tinyvlm.kernels import activations, attention, conv, norm, quant, rope
-from tinyvlm.kernels.packing import Deferred, made
+from tinyvlm.kernels.packing import PACKABLE, made
 from tinyvlm.kernels.quant import QuantizedMatrix
 from tinyvlm.weights.pages import release
 
@@ -104,7 +104,7 @@ class NumpyBackend:
         """The LLM's linear weights, prepared once at load. Each group holds matrices that read the same input
         (q, k, v; gate, up; or one matrix alone); what comes back is read by linear_split and swiglu. A
         packing.Deferred matrix is made here."""
-        return [[made(w) if isinstance(w, (QuantizedMatrix, Deferred)) else self.dense(w) for w in group]
+        return [[made(w) if isinstance(w, PACKABLE) else self.dense(w) for w in group]
                 for group in groups]
 
     # ---------------------------------------------------------------- linear layers

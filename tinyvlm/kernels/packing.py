@@ -32,6 +32,7 @@ class Deferred:
 
 
 Packable = QuantizedMatrix | Deferred
+PACKABLE = (QuantizedMatrix, Deferred)  # for isinstance: a matrix, or one made when it is packed
 
 
 def array_layout(kind: str, shape: tuple[int, int]) -> list[tuple[str, tuple[int, int], type]]:

@@ -107,15 +107,13 @@ def _matrix(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | De
 
 
 def _convert(tensor: GGUFTensor, name: str, quant: str | None) -> np.ndarray | QuantizedMatrix:
-    """Direct kinds as stored, other quantized kinds converted, floats as float32 unless `quant` asks for blocks."""
+    """Direct kinds as stored, other quantized kinds converted, floats as float32 unless `quant` asks for blocks
+    (the kind _planned_kind chose)."""
     if tensor.type_name in EXACT_GGUF_TYPES:
         return to_quantized(tensor)
+    kind = _planned_kind(tensor, name, quant)
     w = to_float32(tensor)
-    if w.shape[1] % GROUP:
-        return w
-    if tensor.type_name not in FLOAT_TYPES:
-        return quantize(w, CONVERTED_KIND)
-    return w if quant is None else quantize(w, block_kind(quant, name))
+    return w if kind is None else quantize(w, kind)
 
 
 def load_gguf(path: str | Path, quant: str | None, backend: Backend,
