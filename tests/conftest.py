@@ -14,6 +14,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 _EMPTY_HF = tempfile.mkdtemp(prefix="tinyvlm-empty-hf-")
 os.environ["HF_HUB_CACHE"] = _EMPTY_HF
 os.environ.pop("TINYVLM_MODEL", None)
+# The CUDA kernels run in Numba's CUDA simulator unless TINYVLM_TEST_CUDA_DEVICE=1 asks for the GPU. Set before
+# numba is first imported (it reads this once); only numba.cuda reads it.
+if os.environ.get("TINYVLM_TEST_CUDA_DEVICE") != "1":
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:

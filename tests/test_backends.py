@@ -39,8 +39,9 @@ def test_make_names_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert backends.default_name() == "numba" and backends.make().name == "numba"
     monkeypatch.setenv("TINYVLM_BACKEND", "numpy")
     assert backends.make().name == "numpy" and backends.make("numba").name == "numba"
-    monkeypatch.setenv("TINYVLM_BACKEND", "cuda")
-    with pytest.raises(TinyVLMError, match="unknown backend 'cuda' from TINYVLM_BACKEND; expected one of numpy, numba"):
+    monkeypatch.setenv("TINYVLM_BACKEND", "tpu")
+    with pytest.raises(TinyVLMError,
+                       match="unknown backend 'tpu' from TINYVLM_BACKEND; expected one of numpy, numba, cuda"):
         backends.make()
     with pytest.raises(TinyVLMError, match="unknown backend 'torch' from backend"):
         backends.make("torch")

@@ -127,6 +127,9 @@ class CountingModel:
         self.fed += [int(e) for e in embeds[:, 0]]
         return np.eye(self.vocab, dtype=np.float32)[(self.fed[-1] + 1) % self.vocab]  # (V,)
 
+    def greedy_next(self, embeds: np.ndarray, cache: KVCache) -> int:
+        return int(np.argmax(self.forward(embeds, cache)))
+
 
 def run(prompt_ids: list[int], max_len: int, stop_ids: set[int], **gen: int) -> tuple[list[int], CountingModel,
                                                                                        KVCache, list[int]]:

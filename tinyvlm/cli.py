@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="default %(default)s")
     chat.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed for sampling")
     chat.add_argument("--quant", choices=["int4", "int8"], help="quantize the LLM's linear layers while loading")
-    chat.add_argument("--backend", choices=["numpy", "numba"],
+    chat.add_argument("--backend", choices=["numpy", "numba", "cuda"],
                       help="default: $TINYVLM_BACKEND, else numba when it is installed")
     chat.add_argument("--threads", type=int, help="threads for the Numba kernels (default: all cores)")
     chat.add_argument("--decode-activations", choices=["int8", "float32"],

@@ -71,6 +71,8 @@ class CausalLM(Protocol):
 
     def forward(self, embeds: Array, cache: KVCache, all_logits: bool = False) -> np.ndarray: ...
 
+    def greedy_next(self, embeds: Array, cache: KVCache) -> int: ...  # forward(), then the argmax of its logits
+
 
 def generate_tokens(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: GenerationConfig, *,
                     stop_ids: Collection[int], history: list[int]) -> Iterator[int]:
@@ -93,14 +95,22 @@ def generate_tokens(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: 
 def _loop(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: GenerationConfig,
           stop_ids: Collection[int], history: list[int]) -> Iterator[int]:
     rng = np.random.default_rng(cfg.seed)
-    logits = model.forward(prompt_embeds, cache)  # (T, D) -> (V,)
+    # Plain greedy decoding needs only the argmax, which the model finds where its logits are (on a GPU: one id
+    # crosses to the host, not V logits); the same id sample_next would pick.
+    greedy = cfg.temperature == 0.0 and cfg.repetition_penalty == 1.0
+
+    def step_from(embeds: Array) -> np.ndarray | int:
+        """(T, D) embeddings through the model: the last position's (V,) logits, or with `greedy` their argmax."""
+        return model.greedy_next(embeds, cache) if greedy else model.forward(embeds, cache)
+
+    scored = step_from(prompt_embeds)
     for step in range(cfg.max_new_tokens):
         if cache.free == 0:
             return  # context full
-        token = sample_next(logits, cfg, rng, history)
+        token = scored if greedy else sample_next(scored, cfg, rng, history)
         if token in stop_ids:
             return
         history.append(token)
         yield token
         if step + 1 < cfg.max_new_tokens:
-            logits = model.forward(model.embed([token]), cache)  # one id -> (V,)
+            scored = step_from(model.embed([token]))  # one id

@@ -113,6 +113,15 @@ class LanguageModel:
         before it and causally within the chunk, so one call on T tokens equals T calls on one token.
         Returns host (T, V) float32 logits with `all_logits`, else (V,) for the last position only.
         """
+        logits = self._logits(embeds, cache, all_logits)  # (T, V) or (1, V), in the backend's memory
+        return self.bk.to_host(logits if all_logits else logits[0])
+
+    def greedy_next(self, embeds: Array, cache: KVCache) -> int:
+        """forward() for the last position, then the id of its largest logit (the first of equals), found by the
+        backend: on a GPU only that id comes back to the host."""
+        return self.bk.argmax(self._logits(embeds, cache, False)[0])
+
+    def _logits(self, embeds: Array, cache: KVCache, all_logits: bool) -> Array:
         cfg, bk = self.cfg, self.bk
         bk.activate()
         x = bk.asarray(embeds)  # (T, D)
@@ -122,8 +131,7 @@ class LanguageModel:
         x = self._blocks(x, cache, self.layers)
         if not all_logits:
             x = x[-1:]  # (T, D) -> (1, D): only the last position's logits are needed
-        logits = bk.linear(bk.rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)  # (T, D) -> (T, V)
-        return bk.to_host(logits if all_logits else logits[0])
+        return bk.linear(bk.rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)  # (T, D) -> (T, V)
 
     def warm_up(self) -> None:
         """Run every op of the decoder once, on a prompt of the backend's longest short input plus one (its long-prompt

@@ -2,6 +2,7 @@
 
     numpy  tinyvlm/backends/numpy.py: the reference and test oracle; runs wherever NumPy does
     numba  tinyvlm/backends/numba.py: Numba kernels for the hot ops, the NumPy backend's for the rest
+    cuda   tinyvlm/backends/cuda.py: everything on an NVIDIA GPU (CuPy + Numba-CUDA); only when asked for
 
 `make(name, threads)` builds one. The name comes from the caller (`tinyvlm.load(..., backend=...)`, `--backend`),
 else from the environment variable TINYVLM_BACKEND, else it is "numba" when numba can be imported and "numpy"
@@ -18,7 +19,7 @@ from tinyvlm.backends.numpy import DECODE_ACTIVATIONS, VISION_WEIGHTS, Array, Nu
 from tinyvlm.errors import TinyVLMError
 from tinyvlm.kernels import _numba
 
-BACKENDS = ("numpy", "numba")
+BACKENDS = ("numpy", "numba", "cuda")
 Backend = NumpyBackend  # the interface every backend implements (the others subclass it)
 
 __all__ = ["Array", "BACKENDS", "Backend", "DECODE_ACTIVATIONS", "NumpyBackend", "VISION_WEIGHTS", "Weight",
@@ -61,4 +62,8 @@ def make(name: str | None = None, threads: int | None = None, decode_activations
         from tinyvlm.backends.numba import NumbaBackend
 
         return NumbaBackend(threads, decode_activations, vision_weights)
+    if name == "cuda":
+        from tinyvlm.backends.cuda import CudaBackend
+
+        return CudaBackend(threads, decode_activations, vision_weights)
     return NumpyBackend(threads, decode_activations, vision_weights)

@@ -81,6 +81,10 @@ class NumpyBackend:
         """What leaves the model (logits, features) as a NumPy array."""
         return a
 
+    def argmax(self, logits: np.ndarray) -> int:
+        """The index of the largest of (V,) logits (the first of equals): greedy decoding's next id."""
+        return int(np.argmax(logits))
+
     def concat(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         """Arrays joined along their first axis."""
         return np.concatenate(parts, axis=0)

@@ -18,7 +18,8 @@ from tinyvlm.quantize import Progress, check_quant
 from tinyvlm.vlm import VLM
 
 
-def load(path_or_repo_id: str | Path, *, quant: str | None = None, backend: str | None = None,
+def load(path_or_repo_id: str | Path, *, quant: str | None = None,
+         backend: str | backends.Backend | None = None,
          threads: int | None = None, vision_tower: str | Path | None = None, progress: Progress | bool | None = None,
          mmproj: str | Path | None = None, decode_activations: str | None = None,
          vision_weights: str | None = None) -> VLM:
@@ -26,10 +27,12 @@ def load(path_or_repo_id: str | Path, *, quant: str | None = None, backend: str 
 
     `path_or_repo_id`: a directory, an id such as `mtgv/MobileVLM_V2-1.7B` found in the Hugging Face cache, or an
     LLM GGUF file. `quant`: "int4" or "int8" quantizes the LLM's linear layers while loading (tinyvlm.quantize);
-    a file written by `python -m tinyvlm quantize` is already quantized. `backend`: "numpy" or "numba" (default:
-    $TINYVLM_BACKEND, else numba when it can be imported); `threads`: its thread count. `vision_tower`: a CLIP
-    directory or id to use instead of the one the config names. `progress`: True for a console bar on stderr, or a
-    callback(done, total). `mmproj`: with an LLM GGUF file, llama.cpp's image encoder file of the same model.
+    a file written by `python -m tinyvlm quantize` is already quantized. `backend`: "numpy", "numba" or "cuda"
+    (default: $TINYVLM_BACKEND, else numba when it can be imported), or a backend object made with its own settings
+    (then threads, decode_activations and vision_weights must be left unset); `threads`: its thread count.
+    `vision_tower`: a CLIP directory or id to use instead of the one the config names. `progress`: True for a console
+    bar on stderr, or a callback(done, total). `mmproj`: with an LLM GGUF file, llama.cpp's image encoder file of
+    the same model.
     `decode_activations`: "int8" (default, or $TINYVLM_DECODE_ACTIVATIONS) quantizes one token's activations before
     each quantized matrix, for integer dot products; "float32" keeps them in float. `vision_weights`: "float32"
     (default, or $TINYVLM_VISION_WEIGHTS) or "int8", the vision tower's linear weights as q8_0 blocks (a quarter of
@@ -37,7 +40,13 @@ def load(path_or_repo_id: str | Path, *, quant: str | None = None, backend: str 
     A backend that compiles its kernels compiles them here (or loads them from its cache), not at the first answer.
     """
     check_quant(quant)
-    bk = backends.make(backend, threads, decode_activations, vision_weights)
+    if isinstance(backend, backends.Backend):
+        if (threads, decode_activations, vision_weights) != (None, None, None):
+            raise TinyVLMError("threads, decode_activations and vision_weights are the backend's own settings: "
+                               "give them to the backend object, not to load()")
+        bk = backend
+    else:
+        bk = backends.make(backend, threads, decode_activations, vision_weights)
     report: Progress | None = console_progress if progress is True else (progress or None)
     if is_gguf(path_or_repo_id):
         vlm = load_gguf(path_or_repo_id, quant, bk, report, mmproj)
