@@ -4,7 +4,8 @@ First a line describing the machine, then for each thread count: the memory read
 (tinyvlm fp32/int8/int4, llama.cpp Q4_0, PyTorch fp32), the vision/time-to-first-token engines (tinyvlm,
 PyTorch) and the read ceiling again; each thread count's lines are printed when its group is done. One process per engine keeps their memory apart, so each peak_rss_mib is that engine's alone, and lets
 each set its thread pools before they start. Engines run one after another, never two at once.
-Run: `python benchmarks/run_all.py --threads 1,2 --repeat 3` (see benchmarks/README.md for the fields).
+Run: `python benchmarks/run_all.py --threads 1,2 --repeat 3` (see benchmarks/README.md for the fields);
+`--backend cuda` runs the GPU engines instead (bench_cuda.py: tinyvlm int4 and fp16, PyTorch fp16).
 """
 from __future__ import annotations
 
@@ -48,7 +49,12 @@ ENGINES: dict[str, tuple[str, list[str]]] = {
     "smollm2-tinyvlm-f32act": ("bench_smollm2.py", ["--engine", "tinyvlm", "--decode-activations", "float32"]),
     "smollm2-llama.cpp": ("bench_smollm2.py", ["--engine", "llama.cpp"]),
     "smollm2-transformers": ("bench_smollm2.py", ["--engine", "transformers"]),
+    # --backend cuda: MobileVLM_V2-1.7B on the GPU (bench_cuda.py)
+    "cuda-tinyvlm-int4": ("bench_cuda.py", ["--engine", "tinyvlm", "--llm", "int4"]),
+    "cuda-tinyvlm-fp16": ("bench_cuda.py", ["--engine", "tinyvlm", "--llm", "fp16"]),
+    "cuda-torch-fp16": ("bench_cuda.py", ["--engine", "torch"]),
 }
+CUDA_ENGINES = [name for name in ENGINES if name.startswith("cuda-")]
 
 
 def run_engine(name: str, threads: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -85,7 +91,7 @@ def run_group(names: list[str], threads: int, args: argparse.Namespace) -> list[
 
 def versions() -> dict[str, str]:
     out = {}
-    for pkg in ("numpy", "numba", "torch", "transformers", "llama_cpp_python", "gguf"):
+    for pkg in ("numpy", "numba", "torch", "transformers", "llama_cpp_python", "gguf", "cupy-cuda12x", "numba-cuda"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -108,11 +114,14 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds per engine; medians are reported")
     ap.add_argument("--only", help=f"comma-separated engines out of: {', '.join(ENGINES)}")
+    ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: every engine but the GPU ones (default); cuda: the GPU engines (bench_cuda.py)")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where llama.cpp's GGUF is written once")
     ap.add_argument("--bandwidth-gib", type=float, default=2.0, help="array size of the read-ceiling measurement")
     ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     args = ap.parse_args()
-    chosen = list(ENGINES) if not args.only else [n.strip() for n in args.only.split(",")]
+    default = CUDA_ENGINES if args.backend == "cuda" else [n for n in ENGINES if n not in CUDA_ENGINES]
+    chosen = default if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in chosen if n not in ENGINES]
     if unknown:
         ap.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")

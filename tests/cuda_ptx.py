@@ -12,14 +12,13 @@ import sys
 C1, C2, C3 = "[::1]", "[:, ::1]", "[:, :, ::1]"
 SCALES = ("float16", "float32")  # cuda_quant.device_layout's d and m
 SIGNATURES = {  # kernel -> argument type lists
-    "cuda_quant._matvec": [f"int64, uint8{C2}, {s}{C2}, {s}{C2}, float32{C1}, float32{C1}" for s in SCALES],
+    "cuda_quant._matvec": [f"int64, uint8{C2}, {s}{C2}, {s}{C2}, float32{C1}, float32{C1}, boolean" for s in SCALES],
     "cuda_quant._dequantize": [f"int64, uint8{C2}, {s}{C2}, {s}{C2}, {o}{C2}" for s in SCALES for o in SCALES],
     "cuda_ops._rms_norm": [f"float32{C2}, float32{C1}, float32, float32{C2}"],
     "cuda_ops._layer_norm": [f"float32{C2}, float32{C1}, float32{C1}, float32, float32{C2}"],
     "cuda_ops._softmax_rows": [f"float32{C2}"],
     "cuda_ops._rope": [f"float32{C3}, float32{C2}, float32{C2}, float32{C3}"],
-    "cuda_ops._decode_scores": [f"float32{C2}, float32{C3}, int64, float32, float32{C2}"],
-    "cuda_ops._decode_mix": [f"float32{C2}, float32{C3}, float32{C2}"],
+    "cuda_ops._decode_attention": [f"float32{C2}, float32{C3}, float32{C3}, int64, float32, float32{C2}"],
     "cuda_ops._silu_mul": [f"float32{C1}, float32{C1}, float32{C1}"],
     "cuda_ops._gelu": [f"float32{C1}"],
     "cuda_ops._depthwise3x3": [f"float32{C3}, float32{C3}, int64, float32{C3}"],

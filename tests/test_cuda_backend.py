@@ -110,6 +110,34 @@ def test_a_decode_step_moves_one_id_each_way(checkpoints):
     assert isinstance(first, int) and len(rest) == 7
     assert bk.transfers == {"to_device": before["to_device"] + 7, "to_host": before["to_host"] + 7}
     per_step = (bk.device.launches - launches) / 7
-    # per layer: 2 RMSNorms, 4 matvecs (q/k/v and gate/up stacked), 2 RoPEs, attention's 3, SwiGLU's product;
-    # then the final norm and the head
-    assert per_step == 2 * (2 + 4 + 2 + 3 + 1) + 2
+    # per layer: 2 RMSNorms, 4 matvecs (q/k/v and gate/up stacked; o_proj and down_proj adding into the residual),
+    # 2 RoPEs, attention, SwiGLU's product; then the final norm and the head
+    assert per_step == 2 * (2 + 4 + 2 + 1 + 1) + 2
+
+
+def test_the_gpu_benchmark_runs_on_the_emulated_device():
+    """benchmarks/bench_cuda.py, the run prepared for a GPU machine, at the real widths with one layer: every field
+    of its line is there, so that the one run on a lent GPU cannot fail on the script itself."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    done = subprocess.run([sys.executable, "bench_cuda.py", "--engine", "tinyvlm", "--emulated", "--layers", "1",
+                           "--repeat", "1", "--decode-tokens", "2"], capture_output=True, text=True, cwd=bench,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in record, record
+    assert record["prompt_tokens"] == 192 and record["tinyvlm_launches_per_decode_step"] == 10 + 2
+    assert all(record[k] > 0 for k in ("image_encode_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s"))
+
+
+def test_one_host_matrix_is_one_device_array():
+    """A tied model's embedding table serves as its head: uploaded once, in the weight precision."""
+    bk = cuda("float16")
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    first = bk.dense(table)
+    assert bk.dense(table) is first and first.dtype == np.float16 and bk.transfers["to_device"] == 1
+    assert bk.dense(np.ones(3, np.float32)).dtype == np.float32  # vectors stay float32

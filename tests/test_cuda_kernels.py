@@ -46,16 +46,19 @@ def _matrix(kind: str, rows: int, n_in: int, seed: int) -> quant.QuantizedMatrix
 
 @settings(max_examples=6, deadline=None)
 @given(kind=st.sampled_from(["q4_0", "q4_1", "q8_0", "q6_k"]), rows=st.integers(1, 9), groups=st.integers(1, 3),
-       seed=st.integers(0, 2**16))
-def test_matvec_matches_its_reference(kind, rows, groups, seed):
+       accumulate=st.booleans(), seed=st.integers(0, 2**16))
+def test_matvec_matches_its_reference(kind, rows, groups, accumulate, seed):
     qm = _matrix(kind, rows, 32 * groups, seed)
     qs, d, m = cuda_quant.device_layout(qm)
-    x = np.random.default_rng(seed + 1).standard_normal(32 * groups).astype(np.float32)
-    y, want = np.full(rows, np.nan, np.float32), np.empty(rows, np.float32)
-    y = run(lambda *a: cuda_quant.matvec(kind, *a), qs, d, m, x, y)[-1]
-    cuda_quant.matvec_ref(kind, qs, d, m, x, want)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal(32 * groups).astype(np.float32)
+    start = rng.standard_normal(rows).astype(np.float32) if accumulate else np.full(rows, np.nan, np.float32)
+    y, want = start.copy(), start.copy()
+    y = run(lambda *a: cuda_quant.matvec(kind, *a, accumulate), qs, d, m, x, y)[-1]
+    cuda_quant.matvec_ref(kind, qs, d, m, x, want, accumulate)
     np.testing.assert_allclose(y, want, rtol=RTOL, atol=RTOL * np.abs(quant.dequantize(qm)).sum(1).max())
-    np.testing.assert_allclose(want, quant.matvec_ref(qm, x), rtol=1e-6)  # the reference is quant.py's
+    expected = quant.matvec_ref(qm, x) + (start if accumulate else 0)  # the reference is quant.py's
+    np.testing.assert_allclose(want, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "q6_k"])
@@ -111,14 +114,15 @@ def quant_free_rope_tables():
     return rope.rope_tables(8, 16, 10000.0)
 
 
-def test_decode_attention_with_grouped_heads():
+@pytest.mark.parametrize("length", [7, 130])  # one chunk of positions, and two (online softmax)
+def test_decode_attention_with_grouped_heads(length):
     rng = np.random.default_rng(5)
-    q = rng.standard_normal((4, 8)).astype(np.float32)  # Hq = 4 over Hkv = 2
-    keys, values = (rng.standard_normal((12, 2, 8)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((4, 8)).astype(np.float32) * 2  # Hq = 4 over Hkv = 2
+    keys, values = (rng.standard_normal((140, 2, 8)).astype(np.float32) for _ in range(2))
     want = np.empty((4, 8), np.float32)
-    cuda_ops.decode_attention_ref(q, keys, values, 7, 8 ** -0.5, None, want)
-    got = run(lambda *a: cuda_ops.decode_attention(a[0], a[1], a[2], 7, 8 ** -0.5, a[3], a[4]), q, keys, values,
-              np.empty((4, 7), np.float32), np.empty((4, 8), np.float32))[-1]
+    cuda_ops.decode_attention_ref(q, keys, values, length, 8 ** -0.5, want)
+    got = run(lambda *a: cuda_ops.decode_attention(a[0], a[1], a[2], length, 8 ** -0.5, a[3]), q, keys, values,
+              np.empty((4, 8), np.float32))[-1]
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
 
 

@@ -159,6 +159,7 @@ class LanguageModel:
         cache.pos+T-1, which are then committed; returns the (T, D) residual stream."""
         T, pos = x.shape[0], cache.pos
         cos, sin = self._rope(pos, T)  # (T, Dh/2) each
+        x = x.copy()  # the residual stream, added to in place from here on (the caller's embeddings stay as given)
         for i, layer in enumerate(layers):
             x = self._block(i, layer, x, cache, cos, sin)
         cache.advance(T)
@@ -167,12 +168,14 @@ class LanguageModel:
     def _block(self, i: int, layer: _Layer, x: Array, cache: KVCache, cos: Array, sin: Array) -> Array:
         """Decoder block i on the (T, D) chunk x; returns the new (T, D) residual stream."""
         bk, eps = self.bk, self.cfg.rms_norm_eps
-        x = x + self._attention(i, layer, bk.rms_norm(x, layer.input_layernorm, eps), cache, cos, sin)
+        heads = self._attention(i, layer, bk.rms_norm(x, layer.input_layernorm, eps), cache, cos, sin)
+        x = bk.residual_linear(x, heads, layer.o_proj)  # x += (T, Hq*Dh) -> (T, D)
         hidden = bk.swiglu(bk.rms_norm(x, layer.post_attention_layernorm, eps), layer.gate_up)  # (T, D) -> (T, F)
-        return x + bk.linear(hidden, layer.down_proj)  # (T, F) -> (T, D)
+        return bk.residual_linear(x, hidden, layer.down_proj)  # x += (T, F) -> (T, D)
 
     def _attention(self, i: int, layer: _Layer, x: Array, cache: KVCache, cos: Array, sin: Array) -> Array:
-        """Grouped-query self-attention of a (T, D) chunk over the cache of layer i; returns (T, D)."""
+        """Grouped-query self-attention of a (T, D) chunk over the cache of layer i; returns the heads' outputs
+        (T, Hq*Dh), before o_proj."""
         cfg, bk = self.cfg, self.bk
         T, Hq, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q, k, v = bk.linear_split(x, layer.qkv, [Hq * Dh, Hkv * Dh, Hkv * Dh])  # (T, D) -> (T, H*Dh) each
@@ -186,5 +189,4 @@ class LanguageModel:
             out = bk.decode_attention(q[:, 0], *cache.layer(i), scale)  # (Hq, Dh)
         else:
             out = bk.causal_attention(q, cache.keys(i), cache.values(i), scale, cache.pos)  # (Hq, T, Dh)
-        out = out.reshape(Hq, T, Dh).transpose(1, 0, 2).reshape(T, Hq * Dh)  # -> (T, Hq*Dh)
-        return bk.linear(out, layer.o_proj)  # (T, Hq*Dh) -> (T, D)
+        return out.reshape(Hq, T, Dh).transpose(1, 0, 2).reshape(T, Hq * Dh)  # -> (T, Hq*Dh)

@@ -20,6 +20,7 @@ NumPy arrays with the kernels' NumPy references, with which the tests run this b
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ class CudaBackend(NumpyBackend):
         self._k = self.device.kernels
         self._weight_dtype = np.float16 if precision == "float16" else np.float32
         self.transfers = {"to_device": 0, "to_host": 0}  # host <-> device copies made by this backend
+        self._dense_uploads: dict[int, tuple[Any, Any]] = {}  # id(host matrix) -> (weakref to it, device copy)
 
     def __repr__(self) -> str:
         return f"CudaBackend(device={self.device.name!r}, precision={self.precision!r})"
@@ -103,15 +105,24 @@ class CudaBackend(NumpyBackend):
     # ---------------------------------------------------------------- weights, once at load
 
     def dense(self, w: np.ndarray) -> Any:
-        """Up to the device, released on the host: 2-D in the weight precision, anything else float32."""
+        """Up to the device, released on the host: 2-D in the weight precision, anything else float32. The same
+        host array twice (a tied model's embedding table as its head) is one device array."""
+        known = self._dense_uploads.get(id(w))
+        if known is not None and known[0]() is w:
+            return known[1]
         up = self._up(w, self._weight_dtype if np.ndim(w) == 2 else np.float32)
-        release(w)
+        release(w, up)  # emulated, up may be w itself
+        if np.ndim(w) == 2 and isinstance(w, np.ndarray):
+            self._dense_uploads[id(w)] = (weakref.ref(w), up)  # a weak reference: the host array may go
         return up
 
     def _quantized(self, qm: quant.QuantizedMatrix) -> DeviceQuantized:
         from tinyvlm.kernels.cuda_quant import device_layout
 
         qs, d, m = (self._up(a, a.dtype) for a in device_layout(qm))
+        for host in (qm.qs, qm.d, qm.m):  # a quantized file's pages (weights/pages.py)
+            if host is not None:
+                release(host, qs, d, m)
         return DeviceQuantized(qm.kind, qm.shape, qs, d, m)
 
     def vision_matrix(self, w: np.ndarray) -> Weight:
@@ -141,6 +152,14 @@ class CudaBackend(NumpyBackend):
         if bias is not None:
             y += bias
         return y
+
+    def residual_linear(self, x: Any, h: Any, w: Weight) -> Any:
+        """x += h @ w.T; one token times a quantized matrix is one launch, the matvec adding into x."""
+        if isinstance(w, DeviceQuantized) and h.shape[0] == 1:
+            self._k.matvec(w.kind, w.qs, w.d, w.m, self.xp.ascontiguousarray(h).reshape(-1), x.reshape(-1), True)
+            return x
+        x += self.linear(h, w)
+        return x
 
     def _dense(self, x: Any, w: Any, out: Any = None) -> Any:
         """x @ w.T; float16 w: x rounded to float16, cuBLAS sums in float32, the result float32."""
@@ -212,8 +231,7 @@ class CudaBackend(NumpyBackend):
 
     def decode_attention(self, q: Any, keys: Any, values: Any, length: int, scale: float) -> Any:
         out = self.xp.empty(q.shape, dtype=np.float32)  # (Hq, Dh)
-        scores = self.xp.empty((q.shape[0], length), dtype=np.float32)
-        self._k.decode_attention(self.xp.ascontiguousarray(q), keys, values, length, scale, scores, out)
+        self._k.decode_attention(self.xp.ascontiguousarray(q), keys, values, length, scale, out)
         return out
 
     # ---------------------------------------------------------------- the vision tower's and projector's ops

@@ -12,9 +12,9 @@ import numpy as np
 
 from tinyvlm.errors import TinyVLMError
 
-# The kernels by name, and how many CUDA launches each makes (`Device.launches` counts them).
-KERNELS = {"matvec": 1, "dequantize": 1, "rms_norm": 1, "layer_norm": 1, "softmax_rows_": 1, "rope": 1,
-           "decode_attention": 3, "silu_mul": 1, "gelu_": 1, "depthwise3x3": 1}
+# The kernels by name; each call is one CUDA launch (`Device.launches` counts them).
+KERNELS = ("matvec", "dequantize", "rms_norm", "layer_norm", "softmax_rows_", "rope", "decode_attention", "silu_mul",
+           "gelu_", "depthwise3x3")
 INSTALL = "pip install 'tinyvlm[cuda]' (CuPy for CUDA 12 and numba-cuda; a Jetson: see the README)"
 
 
@@ -37,15 +37,15 @@ class Device:
     def _with_kernels(self, reference: bool) -> Device:
         from tinyvlm.kernels import cuda_ops, cuda_quant
 
-        for name, count in KERNELS.items():
+        for name in KERNELS:
             module = cuda_quant if name in ("matvec", "dequantize") else cuda_ops
             setattr(self.kernels, name, self._counted(getattr(module, name.rstrip("_") + "_ref" if reference else
-                                                                  name), count))
+                                                                  name)))
         return self
 
-    def _counted(self, launch: Callable[..., None], count: int) -> Callable[..., None]:
+    def _counted(self, launch: Callable[..., None]) -> Callable[..., None]:
         def counted(*args: Any) -> None:
-            self.launches += count
+            self.launches += 1
             launch(*args)
         return counted
 

@@ -127,6 +127,11 @@ class NumpyBackend:
             y += bias
         return y
 
+    def residual_linear(self, x: np.ndarray, h: np.ndarray, w: Weight) -> np.ndarray:
+        """x += h @ w.T, in place, for the residual stream x (T, out) and h (T, in); returns x."""
+        x += self.linear(h, w)
+        return x
+
     def _quantized_linear(self, x: np.ndarray, w: QuantizedMatrix, out: np.ndarray | None = None) -> np.ndarray:
         """x @ dequantize(w).T for x (T, in) or (in,); each token's x quantized to int8 first with int8 activations
         and T <= INT8_MAX_TOKENS. A backend may write the result into `out` (T, out) and return it."""

@@ -104,32 +104,38 @@ def _rope(x, cos, sin, out):
 
 
 @cuda.jit
-def _decode_scores(q, keys, length, scale, scores):
-    """scores (Hq, length) = q . key * scale, q (Hq, Dh), keys (S, Hkv, Dh); query head h reads kv head
-    h // (Hq / Hkv). One thread a score."""
-    i = cuda.grid(1)
+def _decode_attention(q, keys, values, length, scale, out):
+    """out (Hq, Dh) = softmax(q . keys * scale) @ values over the first `length` positions of keys, values
+    (S, Hkv, Dh), q (Hq, Dh); query head h reads kv head h // (Hq / Hkv). One block a head: THREADS positions at a
+    time, one thread a position's score, then each of the first Dh threads updates one output element with an
+    online softmax (running max and sum). Dh <= THREADS."""
+    probs = cuda.shared.array(THREADS, float32)
+    buf = cuda.shared.array(THREADS, float32)
+    h, t = cuda.blockIdx.x, cuda.threadIdx.x
     heads, dim = q.shape[0], q.shape[1]
-    if i < heads * length:
-        h, s = i // length, i % length
-        kv = h // (heads // keys.shape[1])
-        acc = float32(0)
-        for j in range(dim):
-            acc += q[h, j] * keys[s, kv, j]
-        scores[h, s] = acc * float32(scale)
-
-
-@cuda.jit
-def _decode_mix(probs, values, out):
-    """out (Hq, Dh) = probs (Hq, length) @ the values of each head's kv head, values (S, Hkv, Dh)."""
-    i = cuda.grid(1)
-    heads, dim, length = out.shape[0], out.shape[1], probs.shape[1]
-    if i < heads * dim:
-        h, j = i // dim, i % dim
-        kv = h // (heads // values.shape[1])
-        acc = float32(0)
-        for s in range(length):
-            acc += probs[h, s] * values[s, kv, j]
-        out[h, j] = acc
+    kv = h // (heads // keys.shape[1])
+    running_max, total, acc = float32(-math.inf), float32(0), float32(0)
+    for start in range(0, length, THREADS):
+        s = start + t
+        score = float32(-math.inf)
+        if s < length:
+            score = float32(0)
+            for j in range(dim):
+                score += q[h, j] * keys[s, kv, j]
+            score *= float32(scale)
+        new_max = max(running_max, _block_reduce(buf, score, True))  # finite: position `start` is < length
+        p = math.exp(score - new_max) if s < length else float32(0)
+        probs[t] = p
+        correction = math.exp(running_max - new_max)  # 0 on the first chunk
+        total = total * correction + _block_reduce(buf, p, False)  # its syncs also publish probs
+        if t < dim:
+            acc *= correction
+            for i in range(min(THREADS, length - start)):
+                acc += probs[i] * values[start + i, kv, t]
+        running_max = new_max
+        cuda.syncthreads()  # probs is read by all before the next chunk writes it
+    if t < dim:
+        out[h, t] = acc / total
 
 
 @cuda.jit
@@ -187,12 +193,11 @@ def rope(x, cos, sin, out) -> None:
     _rope[_blocks(x.shape[0] * x.shape[1] * (x.shape[2] // 2)), THREADS](x, cos, sin, out)
 
 
-def decode_attention(q, keys, values, length: int, scale: float, scores, out) -> None:
-    """out (Hq, Dh) = one query per head over the first `length` positions of keys, values (S, Hkv, Dh); scores
-    (Hq, length) is scratch. Three launches: scores, their softmax, the weighted sum."""
-    _decode_scores[_blocks(q.shape[0] * length), THREADS](q, keys, length, np.float32(scale), scores)
-    _softmax_rows[q.shape[0], THREADS](scores)
-    _decode_mix[_blocks(out.size), THREADS](scores, values, out)
+def decode_attention(q, keys, values, length: int, scale: float, out) -> None:
+    """out (Hq, Dh) = one query per head over the first `length` positions of keys, values (S, Hkv, Dh)."""
+    if q.shape[1] > THREADS:
+        raise ValueError(f"decode attention takes heads of at most {THREADS} elements, not {q.shape[1]}")
+    _decode_attention[q.shape[0], THREADS](q, keys, values, length, np.float32(scale), out)
 
 
 def silu_mul(gate, up, out) -> None:
@@ -225,7 +230,7 @@ def rope_ref(x, cos, sin, out) -> None:
     out[...] = apply_rope(x, cos, sin)
 
 
-def decode_attention_ref(q, keys, values, length: int, scale: float, scores, out) -> None:
+def decode_attention_ref(q, keys, values, length: int, scale: float, out) -> None:
     k, v = keys[:length].transpose(1, 0, 2), values[:length].transpose(1, 0, 2)  # (Hkv, length, Dh)
     out[...] = attention.grouped_attention(q[:, None], k, v, scale)[:, 0]
 

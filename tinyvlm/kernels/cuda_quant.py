@@ -54,9 +54,9 @@ def weight(code, qs, d, m, row, e):
 
 
 @cuda.jit
-def _matvec(code, qs, d, m, x, y):
-    """y (out,) = W x for x (in,): warp row r of a block sums lanes' strided products, then a shared-memory tree
-    (no warp shuffles: the simulator that tests this has none)."""
+def _matvec(code, qs, d, m, x, y, accumulate):
+    """y (out,) = W x for x (in,), or y += W x with `accumulate`: warp row r of a block sums lanes' strided
+    products, then a shared-memory tree (no warp shuffles: the simulator that tests this has none)."""
     partial = cuda.shared.array((ROWS, 32), float32)
     lane, r = cuda.threadIdx.x, cuda.threadIdx.y
     row = cuda.blockIdx.x * ROWS + r
@@ -73,7 +73,7 @@ def _matvec(code, qs, d, m, x, y):
         cuda.syncthreads()
         width //= 2
     if lane == 0 and row < y.shape[0]:
-        y[row] = partial[r, 0]
+        y[row] = y[row] + partial[r, 0] if accumulate else partial[r, 0]
 
 
 @cuda.jit
@@ -86,9 +86,9 @@ def _dequantize(code, qs, d, m, out):
         out[row, i - row * n_in] = weight(code, qs, d, m, row, i - row * n_in)
 
 
-def matvec(kind: str, qs, d, m, x, y) -> None:
-    """y (out,) float32 = W x, x (in,) float32: device arrays in the module's layout."""
-    _matvec[(y.shape[0] + ROWS - 1) // ROWS, (32, ROWS)](KIND_CODES[kind], qs, d, m, x, y)
+def matvec(kind: str, qs, d, m, x, y, accumulate: bool = False) -> None:
+    """y (out,) float32 = W x (y += W x with `accumulate`), x (in,) float32: device arrays in the module's layout."""
+    _matvec[(y.shape[0] + ROWS - 1) // ROWS, (32, ROWS)](KIND_CODES[kind], qs, d, m, x, y, accumulate)
 
 
 def dequantize(kind: str, qs, d, m, out) -> None:
@@ -106,8 +106,12 @@ def as_quantized(kind: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray) -> qua
                                  m.astype(np.float32) if kind == "q4_1" else None)
 
 
-def matvec_ref(kind: str, qs, d, m, x, y) -> None:
-    y[...] = quant.matvec_ref(as_quantized(kind, qs, d, m), x)
+def matvec_ref(kind: str, qs, d, m, x, y, accumulate: bool = False) -> None:
+    product = quant.matvec_ref(as_quantized(kind, qs, d, m), x)
+    if accumulate:
+        y += product
+    else:
+        y[...] = product
 
 
 def dequantize_ref(kind: str, qs, d, m, out) -> None:
