@@ -116,7 +116,8 @@ class Torch:
         at = ids.index(-200)
         torch = self.torch
         with torch.inference_mode():
-            before, after = (self.embed_tokens(torch.tensor([part], device="cuda")) for part in (ids[:at], ids[at + 1:]))
+            before, after = (self.embed_tokens(torch.tensor([part], device="cuda"))
+                             for part in (ids[:at], ids[at + 1:]))
             out = self.llm(inputs_embeds=torch.cat([before, tokens, after], dim=1), use_cache=True, logits_to_keep=1)
         return int(out.logits[0, -1].argmax()), out.past_key_values
 
