@@ -14,6 +14,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 _EMPTY_HF = tempfile.mkdtemp(prefix="tinyvlm-empty-hf-")
 os.environ["HF_HUB_CACHE"] = _EMPTY_HF
 os.environ.pop("TINYVLM_MODEL", None)
+# Nor download one: an id not in the cache is an error, as offline (tests/test_download.py lifts this for its
+# subprocesses, which reach only the fake Hub of tests/fake_hub.py).
+os.environ["HF_HUB_OFFLINE"] = "1"
 # The CUDA kernels run in Numba's CUDA simulator unless TINYVLM_TEST_CUDA_DEVICE=1 asks for the GPU. Set before
 # numba is first imported (it reads this once); only numba.cuda reads it.
 if os.environ.get("TINYVLM_TEST_CUDA_DEVICE") != "1":

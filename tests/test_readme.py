@@ -47,4 +47,5 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_starts_with_install_and_chat():
     first = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
     assert first[0].startswith("pip install")
-    assert first[1].startswith("python -m tinyvlm chat photo.jpg")
+    assert first[1] == "python -m tinyvlm chat examples/newspaper.jpg"  # tests/test_download.py runs it
+    assert (ROOT / "examples" / "newspaper.jpg").is_file()

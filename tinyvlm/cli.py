@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from tinyvlm.errors import ModelNotFound, TinyVLMError
 
-USAGE_EXAMPLE = "example: python -m tinyvlm chat photo.jpg --model mtgv/MobileVLM_V2-1.7B -p 'What is in the image?'"
+DEFAULT_MODEL = "mtgv/MobileVLM_V2-1.7B"  # what `chat` runs when nothing names a model and none is cached
+USAGE_EXAMPLE = f"example: python -m tinyvlm chat photo.jpg --model {DEFAULT_MODEL} -p 'What is in the image?'"
 
 
 COMMANDS = {  # the interactive chat's slash commands
@@ -34,8 +35,10 @@ def _parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="ask about an image, once (-p) or interactively", epilog=USAGE_EXAMPLE)
     chat.add_argument("image", nargs="?", help="image file (optional for text-only models)")
-    chat.add_argument("--model", help="model directory or Hugging Face id (default: $TINYVLM_MODEL, "
-                      "else the first MobileVLM in the Hugging Face cache)")
+    chat.add_argument("--model", help="model directory or Hugging Face id, downloaded on first use (default: "
+                      f"$TINYVLM_MODEL, else the first MobileVLM in the Hugging Face cache, else {DEFAULT_MODEL})")
+    chat.add_argument("--offline", action="store_true", default=None,
+                      help="never touch the network: only models already on disk (also: HF_HUB_OFFLINE=1)")
     chat.add_argument("--vision-tower", help="CLIP directory or id to use instead of the one the config names")
     chat.add_argument("--mmproj", help="llama.cpp's image encoder GGUF, with an LLM .gguf as --model")
     chat.add_argument("-p", "--prompt", help="answer this question once and exit")
@@ -55,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="one token's activations before a quantized matrix (default: int8, as llama.cpp)")
     chat.add_argument("--vision-weights", choices=["float32", "int8"],
                       help="the vision tower's linear weights (default: float32; int8: a quarter of the memory)")
+    chat.add_argument("--image-cache", type=int, default=8,
+                      help="images whose encodings are kept, so that asking again skips the vision tower "
+                      "(default %(default)s; 0: off)")
     chat.add_argument("--verbose", action="store_true", help="print timings and peak memory")
 
     quantize = sub.add_parser("quantize", help="write a quantized copy of a model that loads by memory map")
@@ -67,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_model() -> str:
+def _default_model(offline: bool | None) -> str:
+    """$TINYVLM_MODEL, else the first MobileVLM in the cache, else DEFAULT_MODEL (downloaded) unless offline."""
+    from tinyvlm.loading.download import offline as is_offline
     from tinyvlm.loading.hub import find_cached_models
 
     env = os.environ.get("TINYVLM_MODEL")
@@ -76,9 +84,11 @@ def _default_model() -> str:
     cached = find_cached_models()
     if cached:
         return cached[0]
+    if not is_offline(offline):
+        return DEFAULT_MODEL
     raise ModelNotFound(
-        "no model given and none found: pass --model PATH_OR_ID, set TINYVLM_MODEL, or download one "
-        "(e.g. `huggingface-cli download mtgv/MobileVLM_V2-1.7B`)"
+        "no model given and none found (offline): pass --model PATH_OR_ID, set TINYVLM_MODEL, or download one "
+        f"(e.g. `huggingface-cli download {DEFAULT_MODEL}`)"
     )
 
 
@@ -111,6 +121,7 @@ def _stream(chat: Any, question: str, gen: dict[str, Any], verbose: bool) -> Non
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tinyvlm.config import GenerationConfig
+    from tinyvlm.image_cache import ImageCache
     from tinyvlm.loading import load
     from tinyvlm.processor import load_image
 
@@ -123,12 +134,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     GenerationConfig(**gen)  # bad flags fail before the slow load
+    ImageCache(args.image_cache)
     image = load_image(args.image) if args.image else None
-    vlm = load(args.model or _default_model(), quant=args.quant, backend=args.backend, threads=args.threads,
-               vision_tower=args.vision_tower, progress=True, mmproj=args.mmproj,
-               decode_activations=args.decode_activations, vision_weights=args.vision_weights)
+    vlm = load(args.model or _default_model(args.offline), quant=args.quant, backend=args.backend,
+               threads=args.threads, vision_tower=args.vision_tower, progress=True, mmproj=args.mmproj,
+               decode_activations=args.decode_activations, vision_weights=args.vision_weights, offline=args.offline)
     if vlm.quant_report is not None:
         print(f"quantized {vlm.quant_report}", file=sys.stderr)
+    vlm.image_cache = ImageCache(args.image_cache)
     if image is not None and vlm.vision is None:
         raise TinyVLMError(f"{vlm.path}: a text-only model; run it without an image")
     chat = vlm.chat(image=image, system=args.system)

@@ -20,6 +20,7 @@ from tinyvlm.chat import _DEFAULTS, Chat, StopFilter
 from tinyvlm.config import GenerationConfig, ModelConfig, VisionConfig
 from tinyvlm.errors import PromptError
 from tinyvlm.generate import generate_tokens
+from tinyvlm.image_cache import ImageCache
 from tinyvlm.language import LanguageModel
 from tinyvlm.processor import preprocess
 from tinyvlm.projector import Projector
@@ -72,6 +73,7 @@ class VLM:
         self.template = VICUNA_V1  # chat template kind (tinyvlm.prompt)
         self.quant: str | None = None  # "int4" / "int8" when the LLM's linear layers are quantized
         self.quant_report: Any = None  # tinyvlm.quantize.QuantReport when quantized at load
+        self.image_cache = ImageCache()  # projector outputs of recent images (tinyvlm/image_cache.py)
 
     @property
     def vision_config(self) -> VisionConfig | None:
@@ -102,7 +104,8 @@ class VLM:
         return self.backend.to_host(vision.features(pixels))
 
     def encode_image(self, image_or_pixels: Any) -> Array:
-        """Image or float32 [3, H, W] pixels -> [N, D] projector output (N = 144), in the backend's memory."""
+        """Image or float32 [3, H, W] pixels -> [N, D] projector output (N = 144), in the backend's memory. An image
+        whose pixels are in `image_cache` skips the vision tower; its array is shared, so read it, never write."""
         vision, projector, vcfg = self._require_vision()
         t0 = time.perf_counter()
         if isinstance(image_or_pixels, np.ndarray) and image_or_pixels.dtype == np.float32:
@@ -113,7 +116,11 @@ class VLM:
                 )
         else:
             pixels = self.preprocess(image_or_pixels)
-        out = projector(vision.features(pixels))  # (P, C) -> (N, D)
+        key = self.image_cache.key(pixels)
+        out = self.image_cache.get(key)
+        if out is None:
+            out = projector(vision.features(pixels))  # (P, C) -> (N, D)
+            self.image_cache.put(key, out)
         self.stats.image_encode_s = time.perf_counter() - t0
         return out
 

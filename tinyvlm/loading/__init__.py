@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tinyvlm import backends
 from tinyvlm.errors import TinyVLMError
+from tinyvlm.loading import download
 from tinyvlm.loading.gguf import is_gguf, load_gguf
 from tinyvlm.loading.hf import load_dir
 from tinyvlm.quantize import Progress, check_quant
@@ -22,7 +23,7 @@ def load(path_or_repo_id: str | Path, *, quant: str | None = None,
          backend: str | backends.Backend | None = None,
          threads: int | None = None, vision_tower: str | Path | None = None, progress: Progress | bool | None = None,
          mmproj: str | Path | None = None, decode_activations: str | None = None,
-         vision_weights: str | None = None) -> VLM:
+         vision_weights: str | None = None, offline: bool | None = None) -> VLM:
     """Load a MobileVLM (V1 or V2), a text-only MobileLLaMA / LLaMA checkpoint, or a llama.cpp GGUF LLM.
 
     `path_or_repo_id`: a directory, an id such as `mtgv/MobileVLM_V2-1.7B` found in the Hugging Face cache, or an
@@ -37,6 +38,9 @@ def load(path_or_repo_id: str | Path, *, quant: str | None = None,
     each quantized matrix, for integer dot products; "float32" keeps them in float. `vision_weights`: "float32"
     (default, or $TINYVLM_VISION_WEIGHTS) or "int8", the vision tower's linear weights as q8_0 blocks (a quarter of
     the memory; its error against float32: tests/test_vision_int8.py).
+    An id that is not in the cache is downloaded first, with huggingface_hub, into the cache (only the files
+    tinyvlm reads; a V1 model's CLIP tower too), unless `offline` (default: $HF_HUB_OFFLINE) says not to touch the
+    network.
     A backend that compiles its kernels compiles them here (or loads them from its cache), not at the first answer.
     """
     check_quant(quant)
@@ -54,7 +58,7 @@ def load(path_or_repo_id: str | Path, *, quant: str | None = None,
         raise TinyVLMError(f"{path_or_repo_id}: not an LLM GGUF file; mmproj={mmproj} goes only with one "
                            "(llama.cpp's pair: LLM .gguf + mmproj .gguf)")
     else:
-        vlm = load_dir(path_or_repo_id, quant, bk, report, vision_tower)
+        vlm = load_dir(path_or_repo_id, quant, bk, report, vision_tower, fetch=not download.offline(offline))
     if bk.compiles:
         _warm_up(vlm, progress is True)
     return vlm

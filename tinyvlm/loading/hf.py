@@ -59,9 +59,10 @@ def _tower_prefix(store: TensorStore) -> str | None:
 
 
 def load_dir(path_or_repo_id: str | Path, quant: str | None, backend: Backend, progress: Progress | None,
-             vision_tower: str | Path | None) -> VLM:
-    """A MobileVLM (V1 or V2) or a text-only MobileLLaMA / LLaMA from a directory or a cached id."""
-    model_dir = resolve_model(path_or_repo_id)
+             vision_tower: str | Path | None, fetch: bool = False) -> VLM:
+    """A MobileVLM (V1 or V2) or a text-only MobileLLaMA / LLaMA from a directory or a cached id; with `fetch`, an id
+    not in the cache is downloaded first, and a V1 model's CLIP tower too (loading/download.py)."""
+    model_dir = resolve_model(path_or_repo_id, fetch=fetch, whole=True)
     cfg = load_config(model_dir)
     store = open_checkpoint(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -88,7 +89,7 @@ def load_dir(path_or_repo_id: str | Path, quant: str | None, backend: Backend, p
         expected.update({PROJECTOR_PREFIX + n: s for n, s in projector_expected_shapes(cfg.projector).items()})
         own_prefix = _tower_prefix(store)
         own = None if own_prefix is None else _Tower(store, own_prefix, None, cfg, warn=False)  # for its layout
-        tower = _choose_tower(cfg, own, model_dir, vision_tower)
+        tower = _choose_tower(cfg, own, model_dir, vision_tower, fetch)
         try:
             cfg = replace(cfg, vision=tower.config)  # ModelConfig checks that the tower fits the projector
         except ConfigError as e:
@@ -141,18 +142,20 @@ def _counter(total: int, progress: Progress | None) -> Callable[[], None]:
     return tick
 
 
-def _choose_tower(cfg: ModelConfig, own: _Tower | None, model_dir: Path, override: str | Path | None) -> _Tower:
-    """The CLIP tower a multimodal checkpoint runs: `override`, else V1's named tower, else the stored copy."""
+def _choose_tower(cfg: ModelConfig, own: _Tower | None, model_dir: Path, override: str | Path | None,
+                  fetch: bool) -> _Tower:
+    """The CLIP tower a multimodal checkpoint runs: `override`, else V1's named tower (downloaded with `fetch` when
+    it is not in the cache), else the stored copy."""
     assert cfg.projector is not None
     if override is not None:
         return _open_tower(resolve_model(override), cfg)
     named_dir = None
+    is_v1 = cfg.projector.projector_type == "ldpnet"
     if cfg.mm_vision_tower:
         try:
-            named_dir = resolve_model(cfg.mm_vision_tower)
+            named_dir = resolve_model(cfg.mm_vision_tower, fetch=fetch and is_v1, tower=True, whole=True)
         except (ModelNotFound, WeightsError):  # not there, or not a directory: the stored copy is the fallback
             pass
-    is_v1 = cfg.projector.projector_type == "ldpnet"
     if is_v1 and named_dir is not None:
         return _open_tower(named_dir, cfg)
     if own is not None:

@@ -1,7 +1,8 @@
-"""Model resolution: a local directory, or a model id found in the Hugging Face cache, offline.
+"""Model resolution: a local directory, or a model id found in the Hugging Face cache (downloaded into it first
+when it is not there and the caller allows it: loading/download.py).
 
-Follows the cache layout that huggingface_hub writes (its "Manage cache" guide), without importing it and
-without network access:
+Reads the cache layout that huggingface_hub writes (its "Manage cache" guide) without importing it and without
+network access:
 
     <cache>/models--{org}--{name}/refs/main            the commit hash the main branch pointed to
     <cache>/models--{org}--{name}/snapshots/<commit>/   the files of that commit (symlinks into blobs/)
@@ -33,12 +34,68 @@ def hub_cache_dir() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def resolve_model(path_or_id: str | Path) -> Path:
-    """An existing directory as is; otherwise the cached snapshot of the model id `org/name`."""
+class NotCached(ModelNotFound):
+    """A model id with no complete snapshot in the cache."""
+
+
+def resolve_model(path_or_id: str | Path, fetch: bool = False, tower: bool = False, whole: bool = False) -> Path:
+    """An existing directory as is; otherwise the cached snapshot of the model id `org/name`. With `fetch`, an id
+    whose snapshot is missing or incomplete (`complete`) is downloaded first (download.fetch; `tower`: a CLIP
+    tower's config and one weight file); with `whole` alone, an incomplete snapshot is refused."""
     try:
-        return _resolve(path_or_id)
+        try:
+            path = _resolve(path_or_id)
+            if hub_cache_dir() not in path.parents or not (fetch or whole) or complete(path, tower):
+                return path
+            if not fetch:
+                raise NotCached(f"model {path_or_id!r}: the cached snapshot {path} is incomplete (a download cut "
+                                "short?); run again with the network to finish it")
+        except NotCached:
+            if not fetch:
+                raise
+        from tinyvlm.loading.download import fetch as download
+
+        download(str(path_or_id), tower)
+        path = _resolve(path_or_id)
+        if not complete(path, tower):
+            raise NotCached(f"model {path_or_id!r}: the download left {path} without its config or weights")
+        return path
     except (OSError, RuntimeError, ValueError) as e:  # a name too long, "~nosuchuser", a NUL byte, no permission
         raise ModelNotFound(f"{short(str(path_or_id))}: cannot be a model directory or id ({short(str(e))})") from None
+
+
+def complete(snapshot: Path, tower: bool = False) -> bool:
+    """Whether a snapshot holds config.json, a tokenizer (unless `tower`) and whole weights: every shard of a
+    sharded checkpoint (by its -NNNNN-of-NNNNN names and its index), else one safetensors or .bin file. A download
+    cut short leaves some of these out (huggingface_hub links a file in only once it is whole)."""
+    from tinyvlm.loading.download import weight_files
+
+    if not (snapshot / "config.json").is_file():
+        return False
+    if not tower and not any((snapshot / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        return False
+    names = [p.name for p in snapshot.iterdir() if p.is_file()]  # is_file follows the links into blobs/
+    weights = weight_files(names)
+    if not weights:
+        return False
+    for name in weights:
+        shard = _SHARD.search(name)
+        if shard and any(_SHARD.sub(f"-{i:0{len(shard[1])}d}-of-{shard[2]}", name) not in names
+                         for i in range(1, int(shard[2]) + 1)):
+            return False
+    index = next((n for n in weights if n.endswith(".index.json")), None)
+    if index is not None:
+        try:
+            import json
+
+            needed = set(json.loads((snapshot / index).read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return all(isinstance(n, str) and (snapshot / n).is_file() for n in needed)
+    return True
+
+
+_SHARD = re.compile(r"-(\d+)-of-(\d+)")
 
 
 def _resolve(path_or_id: str | Path) -> Path:
@@ -60,7 +117,7 @@ def _resolve(path_or_id: str | Path) -> Path:
                             "weights")
     repo = hub_cache_dir() / ("models--" + path_or_id.replace("/", "--"))
     if not repo.is_dir():
-        raise ModelNotFound(f"model {path_or_id!r} not found: no directory {path} and no cache entry {repo}; {how}")
+        raise NotCached(f"model {path_or_id!r} not found: no directory {path} and no cache entry {repo}; {how}")
     return _snapshot(path_or_id, repo, how)
 
 
@@ -72,12 +129,12 @@ def _snapshot(model_id: str, repo: Path, how: str) -> Path:
         snapshot = repo / "snapshots" / commit
         if commit and "/" not in commit and snapshot.is_dir():
             return snapshot
-        raise ModelNotFound(f"model {model_id!r}: {ref} names commit {short(commit)}, but {snapshot} is missing; {how}")
+        raise NotCached(f"model {model_id!r}: {ref} names commit {short(commit)}, but {snapshot} is missing; {how}")
     snapshots = _snapshots(repo)
     if len(snapshots) == 1:
         return snapshots[0]
     found = f"{len(snapshots)} snapshots" if snapshots else "no snapshot"
-    raise ModelNotFound(f"model {model_id!r}: {ref} is missing and {repo / 'snapshots'} holds {found}; {how}")
+    raise NotCached(f"model {model_id!r}: {ref} is missing and {repo / 'snapshots'} holds {found}; {how}")
 
 
 def _snapshots(repo: Path) -> list[Path]:
