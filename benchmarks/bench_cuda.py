@@ -23,6 +23,7 @@ from _common import PROJECTOR, TEXT, TOKENIZER, VISION, emit, median, random_wei
 from bench_vision import PROJECTOR_TOKENS, _prompt_ids, torch_ldpv2
 
 from tinyvlm.config import ModelConfig
+from tinyvlm.image_cache import ImageCache
 from tinyvlm.language import LanguageModel, language_expected_shapes
 from tinyvlm.processor import preprocess
 from tinyvlm.projector import build_projector, projector_expected_shapes
@@ -55,6 +56,7 @@ class TinyVLM:
         self.language = LanguageModel(text, weights, self.backend)
         self.vlm = VLM(ModelConfig(text=text, vision=vision, projector=PROJECTOR),
                        Tokenizer.from_sentencepiece(TOKENIZER), self.language, tower, projector)
+        self.vlm.image_cache = ImageCache(0)  # every round encodes
         self.vlm.warm_up()
 
     def sync(self) -> None:
