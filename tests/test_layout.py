@@ -21,11 +21,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tinyvlm"
 # Highest layer first. A name ending in "." covers a package and everything in it.
 LAYERS = [
     ("cli", ["tinyvlm.cli", "tinyvlm.__main__"]),
+    ("server", ["tinyvlm.server", "tinyvlm.openai_api"]),
     ("public API and loading", ["tinyvlm", "tinyvlm.loading."]),
     ("composition", ["tinyvlm.vlm", "tinyvlm.chat"]),
     ("model parts", ["tinyvlm.vision", "tinyvlm.projector", "tinyvlm.language", "tinyvlm.cache", "tinyvlm.generate",
                      "tinyvlm.prompt", "tinyvlm.tokenizer", "tinyvlm.stream", "tinyvlm.gguf_vocab", "tinyvlm.processor",
-                     "tinyvlm.quantize"]),
+                     "tinyvlm.quantize", "tinyvlm.image_cache"]),
     ("backends", ["tinyvlm.backends."]),
     ("kernels", ["tinyvlm.kernels."]),
     ("files and settings", ["tinyvlm.weights.", "tinyvlm.config.", "tinyvlm.limits", "tinyvlm.errors"]),

@@ -35,12 +35,6 @@ def _parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="ask about an image, once (-p) or interactively", epilog=USAGE_EXAMPLE)
     chat.add_argument("image", nargs="?", help="image file (optional for text-only models)")
-    chat.add_argument("--model", help="model directory or Hugging Face id, downloaded on first use (default: "
-                      f"$TINYVLM_MODEL, else the first MobileVLM in the Hugging Face cache, else {DEFAULT_MODEL})")
-    chat.add_argument("--offline", action="store_true", default=None,
-                      help="never touch the network: only models already on disk (also: HF_HUB_OFFLINE=1)")
-    chat.add_argument("--vision-tower", help="CLIP directory or id to use instead of the one the config names")
-    chat.add_argument("--mmproj", help="llama.cpp's image encoder GGUF, with an LLM .gguf as --model")
     chat.add_argument("-p", "--prompt", help="answer this question once and exit")
     chat.add_argument("--system", help="system prompt (default: the MobileVLM v1 one)")
     chat.add_argument("--max-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="default %(default)s")
@@ -50,18 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
                       help="default %(default)s")
     chat.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed for sampling")
-    chat.add_argument("--quant", choices=["int4", "int8"], help="quantize the LLM's linear layers while loading")
-    chat.add_argument("--backend", choices=["numpy", "numba", "cuda"],
-                      help="default: $TINYVLM_BACKEND, else numba when it is installed")
-    chat.add_argument("--threads", type=int, help="threads for the Numba kernels (default: all cores)")
-    chat.add_argument("--decode-activations", choices=["int8", "float32"],
-                      help="one token's activations before a quantized matrix (default: int8, as llama.cpp)")
-    chat.add_argument("--vision-weights", choices=["float32", "int8"],
-                      help="the vision tower's linear weights (default: float32; int8: a quarter of the memory)")
-    chat.add_argument("--image-cache", type=int, default=8,
-                      help="images whose encodings are kept, so that asking again skips the vision tower "
-                      "(default %(default)s; 0: off)")
+    _model_arguments(chat)
     chat.add_argument("--verbose", action="store_true", help="print timings and peak memory")
+
+    serve = sub.add_parser("serve", help="serve one model over an OpenAI-compatible HTTP API")
+    serve.add_argument("--host", default="127.0.0.1", help="default %(default)s (this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="default %(default)s")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $TINYVLM_API_KEY, else none)")
+    serve.add_argument("--max-queue", type=int, default=8, help="requests admitted at once (default %(default)s)")
+    serve.add_argument("--allowed-media-path", help="folder whose image files requests may name by path")
+    serve.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image URLs")
+    serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default %(default)s)")
+    _model_arguments(serve)
 
     quantize = sub.add_parser("quantize", help="write a quantized copy of a model that loads by memory map")
     quantize.add_argument("src", help="model directory or Hugging Face id")
@@ -71,6 +65,42 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print a model's config and a table of its tensors")
     inspect.add_argument("path", help="model directory, Hugging Face id, or weight file")
     return p
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that say which model to load and how (chat and serve)."""
+    p.add_argument("--model", help="model directory or Hugging Face id, downloaded on first use (default: "
+                   f"$TINYVLM_MODEL, else the first MobileVLM in the Hugging Face cache, else {DEFAULT_MODEL})")
+    p.add_argument("--offline", action="store_true", default=None,
+                   help="never touch the network: only models already on disk (also: HF_HUB_OFFLINE=1)")
+    p.add_argument("--vision-tower", help="CLIP directory or id to use instead of the one the config names")
+    p.add_argument("--mmproj", help="llama.cpp's image encoder GGUF, with an LLM .gguf as --model")
+    p.add_argument("--quant", choices=["int4", "int8"], help="quantize the LLM's linear layers while loading")
+    p.add_argument("--backend", choices=["numpy", "numba", "cuda"],
+                   help="default: $TINYVLM_BACKEND, else numba when it is installed")
+    p.add_argument("--threads", type=int, help="threads for the Numba kernels (default: all cores)")
+    p.add_argument("--decode-activations", choices=["int8", "float32"],
+                   help="one token's activations before a quantized matrix (default: int8, as llama.cpp)")
+    p.add_argument("--vision-weights", choices=["float32", "int8"],
+                   help="the vision tower's linear weights (default: float32; int8: a quarter of the memory)")
+    p.add_argument("--image-cache", type=int, default=8,
+                   help="images whose encodings are kept, so that asking again skips the vision tower "
+                   "(default %(default)s; 0: off)")
+
+
+def _load_model(args: argparse.Namespace, progress: bool = True) -> Any:
+    """The model the arguments name, with its image cache sized."""
+    from tinyvlm.image_cache import ImageCache
+    from tinyvlm.loading import load
+
+    cache = ImageCache(args.image_cache)  # a bad size fails before the slow load
+    vlm = load(args.model or _default_model(args.offline), quant=args.quant, backend=args.backend,
+               threads=args.threads, vision_tower=args.vision_tower, progress=progress, mmproj=args.mmproj,
+               decode_activations=args.decode_activations, vision_weights=args.vision_weights, offline=args.offline)
+    if vlm.quant_report is not None:
+        print(f"quantized {vlm.quant_report}", file=sys.stderr)
+    vlm.image_cache = cache
+    return vlm
 
 
 def _default_model(offline: bool | None) -> str:
@@ -121,8 +151,6 @@ def _stream(chat: Any, question: str, gen: dict[str, Any], verbose: bool) -> Non
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tinyvlm.config import GenerationConfig
-    from tinyvlm.image_cache import ImageCache
-    from tinyvlm.loading import load
     from tinyvlm.processor import load_image
 
     gen = dict(
@@ -134,14 +162,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     GenerationConfig(**gen)  # bad flags fail before the slow load
-    ImageCache(args.image_cache)
     image = load_image(args.image) if args.image else None
-    vlm = load(args.model or _default_model(args.offline), quant=args.quant, backend=args.backend,
-               threads=args.threads, vision_tower=args.vision_tower, progress=True, mmproj=args.mmproj,
-               decode_activations=args.decode_activations, vision_weights=args.vision_weights, offline=args.offline)
-    if vlm.quant_report is not None:
-        print(f"quantized {vlm.quant_report}", file=sys.stderr)
-    vlm.image_cache = ImageCache(args.image_cache)
+    vlm = _load_model(args)
     if image is not None and vlm.vision is None:
         raise TinyVLMError(f"{vlm.path}: a text-only model; run it without an image")
     chat = vlm.chat(image=image, system=args.system)
@@ -244,11 +266,40 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tinyvlm.image_cache import ImageCache
+    from tinyvlm.openai_api import Media, api_key_from_env
+    from tinyvlm.server import Server
+
+    ImageCache(args.image_cache)
+    if args.max_queue < 1 or not 0 < args.max_body_mb <= 1024:
+        raise TinyVLMError("--max-queue must be at least 1 and --max-body-mb between 0 and 1024")
+    media_dir = Path(args.allowed_media_path) if args.allowed_media_path else None
+    if media_dir is not None and not media_dir.is_dir():
+        raise TinyVLMError(f"--allowed-media-path {args.allowed_media_path}: not a directory")
+    model_id = args.model or _default_model(args.offline)
+    args.model = model_id
+    try:
+        server = Server(lambda: _load_model(args, progress=False), model_id, args.host, args.port,
+                        args.api_key or api_key_from_env(), args.max_queue, Media(media_dir, args.allow_remote_media),
+                        int(args.max_body_mb * 2**20))
+    except OSError as e:
+        raise TinyVLMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    server.load_in_background()
+    print(f"tinyvlm: serving {model_id} on {server.url} (loading; /health says when it is ready)", file=sys.stderr)
+    server.serve_forever()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "quantize":
             return cmd_quantize(args)
         return cmd_inspect(args)

@@ -31,6 +31,7 @@ Arrays are taken as they are: (H, W, 3) uint8 RGB, nothing else.
 """
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
@@ -100,7 +101,7 @@ def _decode(name: str, img: Image.Image) -> Image.Image:
     return rgb.transpose(_TRANSPOSE[orientation]) if orientation != 1 else rgb
 
 
-def _read(name: str, source: Path | Image.Image) -> Image.Image:
+def _read(name: str, source: Path | Image.Image | bytes) -> Image.Image:
     """Decode a file or a PIL image with the rules of the module docstring; every failure is one ImageError."""
     try:
         with warnings.catch_warnings():
@@ -108,6 +109,9 @@ def _read(name: str, source: Path | Image.Image) -> Image.Image:
             warnings.filterwarnings("ignore", "(Possibly )?Corrupt EXIF data")  # what Pillow skips, we ignore
             if isinstance(source, Image.Image):
                 return _decode(name, source)
+            if isinstance(source, bytes):
+                with Image.open(io.BytesIO(source)) as img:
+                    return _decode(name, img)
             if not source.is_file():
                 problem = "not a regular file" if source.exists() else "no such file"
                 raise _error(f"{name}: {problem} (expected an image file)")
@@ -128,14 +132,17 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _load(image: str | Path | Image.Image | np.ndarray) -> tuple[str, Image.Image]:
-    """(name for messages, RGB image) of a file path, a PIL image, or an (H, W, 3) uint8 array."""
+def _load(image: str | Path | Image.Image | np.ndarray | bytes) -> tuple[str, Image.Image]:
+    """(name for messages, RGB image) of a file path, a PIL image, an (H, W, 3) uint8 array, or a file's bytes."""
     if isinstance(image, (str, Path)):
         name = str(image)
         img = _read(name, Path(image))
     elif isinstance(image, Image.Image):
         name = "PIL image"
         img = _read(name, image)
+    elif isinstance(image, (bytes, bytearray)):
+        name = "image data"
+        img = _read(name, bytes(image))
     elif isinstance(image, np.ndarray):
         name = f"image array {image.shape}"
         img = _from_array(image)
@@ -147,8 +154,9 @@ def _load(image: str | Path | Image.Image | np.ndarray) -> tuple[str, Image.Imag
     return name, img
 
 
-def load_image(image: str | Path | Image.Image | np.ndarray) -> Image.Image:
-    """Return `image` as an upright RGB PIL image: a file path, a PIL image, or an (H, W, 3) uint8 array."""
+def load_image(image: str | Path | Image.Image | np.ndarray | bytes) -> Image.Image:
+    """Return `image` as an upright RGB PIL image: a file path, a PIL image, an (H, W, 3) uint8 array, or the
+    bytes of an image file."""
     return _load(image)[1]
 
 
