@@ -135,3 +135,35 @@ def test_agrees_with_huggingface_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     make_entry(cache, "mtgv/MobileVLM_V2-1.7B", commits=("b" * 40, COMMIT), ref=COMMIT)
     want = snapshot_download("mtgv/MobileVLM_V2-1.7B", cache_dir=cache, local_files_only=True)
     assert resolve_model("mtgv/MobileVLM_V2-1.7B") == Path(want)
+
+
+def test_complete_snapshots(tmp_path: Path) -> None:
+    """What a download cut short can leave is never complete: weights missing, a shard missing, the index missing."""
+    import json
+
+    from tinyvlm.loading.hub import complete
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "config.json").write_text("{}")
+    assert not complete(snap)  # no tokenizer, no weights
+    (snap / "tokenizer.model").write_bytes(b"x")
+    assert not complete(snap)
+    (snap / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    assert not complete(snap)  # one shard of two
+    (snap / "model-00002-of-00002.safetensors").write_bytes(b"x")
+    assert not complete(snap)  # both shards, but not the index they are read through
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00003-of-00002.safetensors"}}
+    (snap / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert not complete(snap)  # the index names a file that is not there
+    index["weight_map"]["b"] = "model-00002-of-00002.safetensors"
+    (snap / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert complete(snap)
+    (snap / "model-00002-of-00002.safetensors").unlink()
+    (snap / "model-00002-of-00002.safetensors").symlink_to(tmp_path / "missing-blob")  # a dangling link
+    assert not complete(snap)
+    tower = tmp_path / "tower"
+    tower.mkdir()
+    (tower / "config.json").write_text("{}")
+    (tower / "pytorch_model.bin").write_bytes(b"x")
+    assert complete(tower, tower=True) and not complete(tower)  # a tower needs no tokenizer

@@ -75,6 +75,7 @@ def test_plain_streamed_and_models(server, vlm, photo_uri, shared_data):
                                             stream_options={"include_usage": True}))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices).strip() == text
     assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+    assert vlm.image_cache.hits >= 2  # the second and third requests about the photo skipped the vision tower
 
 
 def test_a_conversation_with_a_system_message_and_an_earlier_answer(server, vlm, photo_uri):
@@ -258,3 +259,75 @@ def test_readme_curl_and_openai_examples(checkpoints, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def raw(server: Server, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        received = b""
+        while more := s.recv(65536):
+            received += more
+    return received
+
+
+@pytest.mark.parametrize("part, says", [
+    ({"type": "image_url", "image_url": {}}, "image_url.url must be a string"),
+    ({"type": "image_url", "image_url": {"url": "file:///a%00b.png"}}, "not a usable image path"),
+    ({"type": "audio", "audio": "x"}, "must be a text part or an image_url part"),
+])
+def test_malformed_parts_are_400(server, part, says):
+    with pytest.raises(openai.BadRequestError, match=says):
+        client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [part]}])
+
+
+def test_an_unread_body_is_never_taken_for_a_request(server):
+    """A refused POST closes its connection: the body it carried cannot be smuggled in as the next request."""
+    inner = f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+    for headers in (b"Authorization: Bearer wrong\r\n", f"Authorization: Bearer {KEY}\r\n".encode()):
+        path = b"/v1/chat/completions" if b"wrong" in headers else b"/v1/nowhere"
+        answer = raw(server, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + headers + b"Content-Length: "
+                     + str(len(inner)).encode() + b"\r\n\r\n" + inner)
+        assert answer.count(b"HTTP/1.1 ") == 1 and answer.split(b"\r\n")[0] in (b"HTTP/1.1 401 Unauthorized",
+                                                                               b"HTTP/1.1 404 Not Found")
+    answer = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                 + b"\r\nContent-Length: \xb2\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and b"Content-Length" in answer
+
+
+def test_remote_media_when_allowed(vlm, shared_data):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    photo = (shared_data / "images" / "test-1.jpeg").read_bytes()
+
+    class Files(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/away":
+                self.send_response(302)
+                self.send_header("Location", "ftp://127.0.0.1/photo.jpg")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(photo)))
+            self.end_headers()
+            self.wfile.write(photo)
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    server = start(vlm, media=Media(remote=True))
+    try:
+        base = f"http://127.0.0.1:{files.server_address[1]}"
+        reply = client(server).chat.completions.create(model=MODEL, messages=question(base + "/photo.jpg"),
+                                                       max_tokens=2)
+        assert reply.choices[0].message.content is not None
+        with pytest.raises(openai.BadRequestError, match="redirects away from http"):
+            client(server).chat.completions.create(model=MODEL, messages=question(base + "/away"), max_tokens=2)
+    finally:
+        server.shutdown()
+        files.shutdown()
+        files.server_close()

@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-media-path", help="folder whose image files requests may name by path")
     serve.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image URLs")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default %(default)s)")
+    serve.add_argument("--alias", help="the model's name in the API (default: --model as given)")
     _model_arguments(serve)
 
     quantize = sub.add_parser("quantize", help="write a quantized copy of a model that loads by memory map")
@@ -279,8 +280,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     media_dir = Path(args.allowed_media_path) if args.allowed_media_path else None
     if media_dir is not None and not media_dir.is_dir():
         raise TinyVLMError(f"--allowed-media-path {args.allowed_media_path}: not a directory")
-    model_id = args.model or _default_model(args.offline)
-    args.model = model_id
+    args.model = args.model or _default_model(args.offline)
+    model_id = args.alias or args.model
     try:
         server = Server(lambda: _load_model(args, progress=False), model_id, args.host, args.port,
                         args.api_key or api_key_from_env(), args.max_queue, Media(media_dir, args.allow_remote_media),

@@ -63,6 +63,16 @@ class ChatRequest:
 
 
 def parse(body: Any, media: Media) -> ChatRequest:
+    """The request, checked; ApiError (400) for anything malformed."""
+    try:
+        return _parse(body, media)
+    except ApiError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a shape the checks did not foresee
+        raise ApiError(400, f"malformed request ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _parse(body: Any, media: Media) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN)
@@ -140,7 +150,7 @@ def _content(content: Any, where: str, media: Media) -> tuple[str, list[Any]]:
                                param=at)
             texts.append(part["text"])
         elif kind == "image_url" and isinstance(part.get("image_url"), (dict, str)):
-            url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
+            url = part["image_url"].get("url") if isinstance(part["image_url"], dict) else part["image_url"]
             if not isinstance(url, str):
                 raise ApiError(400, f"{at}.image_url.url must be a string", param=at)
             images.append(_image(url, at, media))
@@ -174,7 +184,10 @@ def _local(path: Path, at: str, media: Media) -> Path:
         raise ApiError(400, f"{at}: local image paths are off on this server (start it with --allowed-media-path)",
                        param=at)
     root = media.allowed_path.resolve()
-    resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
+    try:
+        resolved = (root / path).resolve()  # an absolute path stays itself
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop
+        raise ApiError(400, f"{at}: not a usable image path", param=at) from None
     if resolved != root and root not in resolved.parents:
         raise ApiError(400, f"{at}: the image path is outside the allowed media folder", param=at)
     if not resolved.is_file():
@@ -183,12 +196,19 @@ def _local(path: Path, at: str, media: Media) -> Path:
 
 
 def _fetch(url: str, at: str) -> bytes:
+    import http.client
     import urllib.request
 
+    class HttpOnly(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, new_url):  # type: ignore[no-untyped-def]
+            if urlparse(new_url).scheme not in ("http", "https"):
+                raise ApiError(400, f"{at}: the image URL redirects away from http(s)", param=at)
+            return super().redirect_request(req, fp, code, msg, headers, new_url)
+
     try:
-        with urllib.request.urlopen(url, timeout=15) as response:  # noqa: S310 (http(s) only, checked above)
+        with urllib.request.build_opener(HttpOnly).open(url, timeout=15) as response:
             data = response.read(REMOTE_MEDIA_BYTES + 1)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:
         raise ApiError(400, f"{at}: could not fetch the image ({type(e).__name__}: {e})", param=at) from None
     if len(data) > REMOTE_MEDIA_BYTES:
         raise ApiError(400, f"{at}: the image is larger than {REMOTE_MEDIA_BYTES // 2**20} MiB", param=at)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import sys
 import threading
 import time
@@ -135,6 +136,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/v1/chat/completions":
             return self._error(ApiError(404, f"no such endpoint: POST {self.path[:100]}"))
         state = self.server_state
+        if not state.slots.acquire(blocking=False):  # before the body: the queue bounds the memory held too
+            return self._error(ApiError(503, "the server is busy: too many requests queued; try again"),
+                               {"Retry-After": "1"})
+        self.streaming = False  # whether a 200 and the event-stream headers have gone out
         try:
             body = self._body()
             if state.vlm is None:
@@ -143,23 +148,31 @@ class _Handler(BaseHTTPRequestHandler):
             if body.get("model") not in (None, "", state.model_id):
                 raise ApiError(404, f"the model {str(body.get('model'))[:100]!r} does not exist; this server has "
                                     f"{state.model_id!r}", param="model", code="model_not_found")
-        except ApiError as e:
-            return self._error(e)
-        if not state.slots.acquire(blocking=False):
-            return self._error(ApiError(503, "the server is busy: too many requests queued; try again"),
-                               {"Retry-After": "1"})
-        try:
             with state.model_lock:
                 self._complete(req, time.perf_counter())
         except ApiError as e:
-            self._error(e)
+            self._fail(e)
         except TinyVLMError as e:  # a bad image, a prompt longer than the context
-            self._error(ApiError(400, str(e)))
+            self._fail(ApiError(400, str(e)))
+        except Exception as e:  # a bug: the client gets a 500 in OpenAI's form, the server stays up
+            print(f"tinyvlm: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            self._fail(ApiError(500, f"internal error ({type(e).__name__})"))
         finally:
             state.slots.release()
 
+    def _fail(self, e: ApiError) -> None:
+        """An error as a response, or, once a stream has begun, as its last event."""
+        if not self.streaming:
+            return self._error(e)
+        try:
+            self._event(e.body())
+        except OSError:
+            pass
+        self.close_connection = True
+
     def _complete(self, req: ChatRequest, start: float) -> None:
         state, vlm = self.server_state, self.server_state.vlm
+        vlm.stats.reset()
         ids, images = state.prompt(req)
         embeds = vlm.embed(ids, images)
         generated: list[int] = []
@@ -168,25 +181,26 @@ class _Handler(BaseHTTPRequestHandler):
         rid, model = openai_api.new_id(), state.model_id
         first: float | None = None
         texts: list[str] = []
-        if req.stream:
-            self.send_response(200)
-            for k, v in {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                         "Connection": "close"}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.close_connection = True
         try:
             if req.stream:
+                self.send_response(200)
+                for k, v in {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                             "Connection": "close"}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.close_connection = self.streaming = True
                 self._event(openai_api.chunk(rid, model, {"role": "assistant", "content": ""}))
             for piece in pieces:
                 first = first or time.perf_counter()
                 texts.append(piece)
                 if req.stream:
                     self._event(openai_api.chunk(rid, model, {"content": piece}))
-        except OSError:  # the client went away mid-stream: stop generating, free the model
+        except OSError:  # the client went away: stop generating, free the model
             pieces.close()
             self._count(499, len(embeds), generated, start, first)
             return
+        finally:
+            pieces.close()  # a no-op once the text has ended; stops the generation on any other exit
         finish = "length" if len(generated) >= req.config.max_new_tokens else "stop"
         self._count(200, len(embeds), generated, start, first)
         if not req.stream:
@@ -220,16 +234,17 @@ class _Handler(BaseHTTPRequestHandler):
         key = self.server_state.api_key
         if key is None:
             return True
-        given = self.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        given = self.headers.get("Authorization", "")  # http.server decodes headers as latin-1
+        if hmac.compare_digest(given.encode("latin-1", "replace"), f"Bearer {key}".encode()):
             return True
         self._error(ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key"))
         return False
 
     def _body(self) -> Any:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise ApiError(400, "a request body needs a Content-Length header")
+        if length is None or not re.fullmatch(r"[0-9]{1,15}", length.strip()):
+            raise ApiError(400, "a request body needs a Content-Length header (chunked bodies are not taken)")
+        length = length.strip()
         if int(length) > self.server_state.max_body:
             self.close_connection = True  # the body stays unread
             raise ApiError(413, f"the body is {length} bytes, over this server's {self.server_state.max_body}")
@@ -243,10 +258,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _error(self, e: ApiError, headers: dict[str, str] | None = None) -> None:
+        """An error response; the connection then closes, since a request body may be left unread."""
+        self.close_connection = True
         m = self.server_state.metrics
         with m.lock:
             m.requests[e.status] = m.requests.get(e.status, 0) + 1
-        self._json(e.status, e.body(), headers)
+        self._json(e.status, e.body(), {"Connection": "close", **(headers or {})})
 
     def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json", headers)

@@ -23,7 +23,7 @@ from tinyvlm.limits import shown
 # Besides the weights, the files tinyvlm reads from a model repo (config.py, tokenizer.py).
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json")
-_SAFETENSORS = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.safetensors")
+_SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")  # what weights/store.py opens
 _BIN = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 _INDEX = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 

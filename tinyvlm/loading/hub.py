@@ -65,9 +65,10 @@ def resolve_model(path_or_id: str | Path, fetch: bool = False, tower: bool = Fal
 
 
 def complete(snapshot: Path, tower: bool = False) -> bool:
-    """Whether a snapshot holds config.json, a tokenizer (unless `tower`) and whole weights: every shard of a
-    sharded checkpoint (by its -NNNNN-of-NNNNN names and its index), else one safetensors or .bin file. A download
-    cut short leaves some of these out (huggingface_hub links a file in only once it is whole)."""
+    """Whether a snapshot holds config.json, a tokenizer (unless `tower`) and whole weights: a sharded checkpoint's
+    index and every shard (by their -NNNNN-of-NNNNN names and by the index), else one safetensors or .bin file. A
+    download cut short leaves some of these out (huggingface_hub links a file in only once it is whole). The small
+    tokenizer side files (tokenizer_config.json, ...) are not checked: a repo need not have them."""
     from tinyvlm.loading.download import weight_files
 
     if not (snapshot / "config.json").is_file():
@@ -84,6 +85,8 @@ def complete(snapshot: Path, tower: bool = False) -> bool:
                          for i in range(1, int(shard[2]) + 1)):
             return False
     index = next((n for n in weights if n.endswith(".index.json")), None)
+    if index is None and any("-of-" in n for n in weights):
+        return False  # shards are read through their index
     if index is not None:
         try:
             import json
