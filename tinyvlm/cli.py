@@ -1,4 +1,4 @@
-"""Command line: `python -m tinyvlm chat IMAGE` and `python -m tinyvlm inspect PATH`.
+"""Command line: `python -m tinyvlm chat IMAGE`, `batch INPUT`, `serve`, `quantize SRC OUT` and `inspect PATH`.
 
 Printing and exit codes only; no model logic. Heavy modules are imported inside the commands so that
 `--help` stays instant. Every TinyVLMError becomes one line on stderr and exit code 2.
@@ -6,14 +6,14 @@ Printing and exit codes only; no model logic. Heavy modules are imported inside 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Any, Sequence
 
-from tinyvlm.errors import ModelNotFound, TinyVLMError
+from tinyvlm.errors import TinyVLMError
+from tinyvlm.options import (DEFAULT_MODEL, default_model, generation, generation_arguments, load_model,
+                             model_arguments)
 
-DEFAULT_MODEL = "mtgv/MobileVLM_V2-1.7B"  # what `chat` runs when nothing names a model and none is cached
 USAGE_EXAMPLE = f"example: python -m tinyvlm chat photo.jpg --model {DEFAULT_MODEL} -p 'What is in the image?'"
 
 
@@ -26,26 +26,20 @@ COMMANDS = {  # the interactive chat's slash commands
 
 
 def _parser() -> argparse.ArgumentParser:
-    from tinyvlm.config import GenerationConfig
-
-    defaults = GenerationConfig()
-    DEFAULTS = {f: getattr(defaults, f) for f in vars(defaults)}
     p = argparse.ArgumentParser(prog="tinyvlm", description="MobileVLM in NumPy.", epilog=USAGE_EXAMPLE)
     sub = p.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="ask about an image, once (-p) or interactively", epilog=USAGE_EXAMPLE)
     chat.add_argument("image", nargs="?", help="image file (optional for text-only models)")
-    chat.add_argument("-p", "--prompt", help="answer this question once and exit")
-    chat.add_argument("--system", help="system prompt (default: the MobileVLM v1 one)")
-    chat.add_argument("--max-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="default %(default)s")
-    chat.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy (default)")
-    chat.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="default %(default)s")
-    chat.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="0 = off (default)")
-    chat.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
-                      help="default %(default)s")
-    chat.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed for sampling")
-    _model_arguments(chat)
+    generation_arguments(chat, "-p", "answer this question once and exit")
+    model_arguments(chat)
     chat.add_argument("--verbose", action="store_true", help="print timings and peak memory")
+
+    batch = sub.add_parser("batch", help="ask about every image of a folder or list, into a resumable JSONL file")
+    batch.add_argument("input", help="a folder of images, a text file of image paths, or a JSONL with image/prompt")
+    batch.add_argument("--out", required=True, help="the JSONL output; a rerun skips what it already holds")
+    generation_arguments(batch, "--prompt", "the question for every image (a JSONL line's own prompt wins)")
+    model_arguments(batch)
 
     serve = sub.add_parser("serve", help="serve one model over an OpenAI-compatible HTTP API")
     serve.add_argument("--host", default="127.0.0.1", help="default %(default)s (this machine only)")
@@ -56,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image URLs")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default %(default)s)")
     serve.add_argument("--alias", help="the model's name in the API (default: --model as given)")
-    _model_arguments(serve)
+    model_arguments(serve)
 
     quantize = sub.add_parser("quantize", help="write a quantized copy of a model that loads by memory map")
     quantize.add_argument("src", help="model directory or Hugging Face id")
@@ -66,61 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print a model's config and a table of its tensors")
     inspect.add_argument("path", help="model directory, Hugging Face id, or weight file")
     return p
-
-
-def _model_arguments(p: argparse.ArgumentParser) -> None:
-    """The options that say which model to load and how (chat and serve)."""
-    p.add_argument("--model", help="model directory or Hugging Face id, downloaded on first use (default: "
-                   f"$TINYVLM_MODEL, else the first MobileVLM in the Hugging Face cache, else {DEFAULT_MODEL})")
-    p.add_argument("--offline", action="store_true", default=None,
-                   help="never touch the network: only models already on disk (also: HF_HUB_OFFLINE=1)")
-    p.add_argument("--vision-tower", help="CLIP directory or id to use instead of the one the config names")
-    p.add_argument("--mmproj", help="llama.cpp's image encoder GGUF, with an LLM .gguf as --model")
-    p.add_argument("--quant", choices=["int4", "int8"], help="quantize the LLM's linear layers while loading")
-    p.add_argument("--backend", choices=["numpy", "numba", "cuda"],
-                   help="default: $TINYVLM_BACKEND, else numba when it is installed")
-    p.add_argument("--threads", type=int, help="threads for the Numba kernels (default: all cores)")
-    p.add_argument("--decode-activations", choices=["int8", "float32"],
-                   help="one token's activations before a quantized matrix (default: int8, as llama.cpp)")
-    p.add_argument("--vision-weights", choices=["float32", "int8"],
-                   help="the vision tower's linear weights (default: float32; int8: a quarter of the memory)")
-    p.add_argument("--image-cache", type=int, default=8,
-                   help="images whose encodings are kept, so that asking again skips the vision tower "
-                   "(default %(default)s; 0: off)")
-
-
-def _load_model(args: argparse.Namespace, progress: bool = True) -> Any:
-    """The model the arguments name, with its image cache sized."""
-    from tinyvlm.image_cache import ImageCache
-    from tinyvlm.loading import load
-
-    cache = ImageCache(args.image_cache)  # a bad size fails before the slow load
-    vlm = load(args.model or _default_model(args.offline), quant=args.quant, backend=args.backend,
-               threads=args.threads, vision_tower=args.vision_tower, progress=progress, mmproj=args.mmproj,
-               decode_activations=args.decode_activations, vision_weights=args.vision_weights, offline=args.offline)
-    if vlm.quant_report is not None:
-        print(f"quantized {vlm.quant_report}", file=sys.stderr)
-    vlm.image_cache = cache
-    return vlm
-
-
-def _default_model(offline: bool | None) -> str:
-    """$TINYVLM_MODEL, else the first MobileVLM in the cache, else DEFAULT_MODEL (downloaded) unless offline."""
-    from tinyvlm.loading.download import offline as is_offline
-    from tinyvlm.loading.hub import find_cached_models
-
-    env = os.environ.get("TINYVLM_MODEL")
-    if env:
-        return env
-    cached = find_cached_models()
-    if cached:
-        return cached[0]
-    if not is_offline(offline):
-        return DEFAULT_MODEL
-    raise ModelNotFound(
-        "no model given and none found (offline): pass --model PATH_OR_ID, set TINYVLM_MODEL, or download one "
-        f"(e.g. `huggingface-cli download {DEFAULT_MODEL}`)"
-    )
 
 
 def _print_stats(vlm: Any) -> None:
@@ -151,20 +90,11 @@ def _stream(chat: Any, question: str, gen: dict[str, Any], verbose: bool) -> Non
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from tinyvlm.config import GenerationConfig
     from tinyvlm.processor import load_image
 
-    gen = dict(
-        max_new_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
-    GenerationConfig(**gen)  # bad flags fail before the slow load
+    gen = generation(args)  # bad flags fail before the slow load
     image = load_image(args.image) if args.image else None
-    vlm = _load_model(args)
+    vlm = load_model(args)
     if image is not None and vlm.vision is None:
         raise TinyVLMError(f"{vlm.path}: a text-only model; run it without an image")
     chat = vlm.chat(image=image, system=args.system)
@@ -267,6 +197,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tinyvlm import batch
+
+    gen = generation(args)
+    out = Path(args.out)
+    todo = list(batch.pending(batch.items(args.input, args.prompt), out))  # bad input fails before the load
+    if not todo:
+        print(f"tinyvlm: nothing to do: {out} already answers every image", file=sys.stderr)
+        return 0
+    vlm = load_model(args)
+
+    def answer(item: batch.Item) -> tuple[str, int]:
+        text = vlm.generate(item.prompt, image=item.image, system=args.system, **gen)
+        return text, vlm.stats.answer_tokens
+
+    writer = batch.Writer(out)
+    try:
+        counts = batch.run(answer, todo, writer, batch.console_progress)
+    finally:
+        writer.close()
+    print(f"tinyvlm: {counts['answered']} answered, {counts['failed']} failed, into {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -280,10 +236,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     media_dir = Path(args.allowed_media_path) if args.allowed_media_path else None
     if media_dir is not None and not media_dir.is_dir():
         raise TinyVLMError(f"--allowed-media-path {args.allowed_media_path}: not a directory")
-    args.model = args.model or _default_model(args.offline)
+    args.model = args.model or default_model(args.offline)
     model_id = args.alias or args.model
     try:
-        server = Server(lambda: _load_model(args, progress=False), model_id, args.host, args.port,
+        server = Server(lambda: load_model(args, progress=False), model_id, args.host, args.port,
                         args.api_key or api_key_from_env(), args.max_queue, Media(media_dir, args.allow_remote_media),
                         int(args.max_body_mb * 2**20))
     except OSError as e:
@@ -301,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_chat(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "batch":
+            return cmd_batch(args)
         if args.command == "quantize":
             return cmd_quantize(args)
         return cmd_inspect(args)

@@ -41,10 +41,12 @@ class Stats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    answer_tokens: int = 0  # ids the answer took (the first one's from the prefill)
 
     def reset(self, image_encode_s: float | None = None) -> None:
         self.image_encode_s, self.prefill_tokens, self.prefill_s, self.decode_tokens, self.decode_s = \
             image_encode_s, 0, 0.0, 0, 0.0
+        self.answer_tokens = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -218,6 +220,7 @@ class VLM:
         stats.prefill_tokens = n_prompt
         t0 = time.perf_counter()
         t_first = None
+        n_start = len(generated)
         try:
             for tok in tokens:
                 if t_first is None:
@@ -236,6 +239,7 @@ class VLM:
                     yield tail
         finally:
             now = time.perf_counter()
+            stats.answer_tokens = len(generated) - n_start
             if t_first is None:
                 stats.prefill_s = now - t0
             else:
