@@ -29,7 +29,8 @@ def photo(path: Path, seed: int) -> Path:
 
 def batch(model: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "tinyvlm", "batch", *args, "--model", str(model), "--max-tokens", "4"],
+    tokens = [] if "--max-tokens" in args else ["--max-tokens", "4"]
+    return subprocess.run([sys.executable, "-m", "tinyvlm", "batch", *args, "--model", str(model), *tokens],
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -117,8 +118,27 @@ def test_a_kill_leaves_valid_jsonl_and_a_rerun_finishes(checkpoints, tmp_path):
     assert 2 <= len(first) <= 12
     with open(out, "ab") as f:
         f.write(b'{"image": "cut short by a kill')  # what a kill in the middle of a write would leave
-    done = batch(model, str(folder), "--prompt", PROMPT, "--out", str(out), "--max-tokens", "8")
+    done = batch(model, str(folder), "--prompt", PROMPT, "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     final = lines(out)
     assert sorted(Path(r["image"]).name for r in final) == [f"{i:02d}.png" for i in range(12)]  # each exactly once
     assert final[:len(first)] == first
+
+
+def test_json_schema_answers(checkpoints, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"kind": {"enum": ["photo", "drawing"]}, "objects": {
+        "type": "array", "items": {"type": "string"}}}, "required": ["kind", "objects"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    for seed in range(3):
+        photo(tmp_path / "imgs" / f"{seed}.png", 20 + seed)
+    done = batch(checkpoints["v2"].path, str(tmp_path / "imgs"), "--prompt", PROMPT, "--out", str(tmp_path / "o.jsonl"),
+                 "--json-schema", str(tmp_path / "schema.json"), "--max-tokens", "40")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for record in lines(tmp_path / "o.jsonl"):
+        jsonschema.validate(json.loads(record["answer"]), schema)
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "object", "properties": {"a": {"format": "date"}}}))
+    bad = batch(checkpoints["v2"].path, str(tmp_path / "imgs"), "--prompt", PROMPT, "--out", str(tmp_path / "p.jsonl"),
+                "--json-schema", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "'format' is not supported" in bad.stderr

@@ -49,3 +49,17 @@ def test_readme_starts_with_install_and_chat():
     assert first[0].startswith("pip install")
     assert first[1] == "python -m tinyvlm chat examples/newspaper.jpg"  # tests/test_download.py runs it
     assert (ROOT / "examples" / "newspaper.jpg").is_file()
+
+
+def test_readme_json_example_runs(checkpoints, tmp_path):
+    """The block of "JSON answers", run as written (in the repo root, for examples/newspaper.jpg) against the tiny
+    checkpoint placed in a cache under the id it names: its answer parses."""
+    section = README[README.index("## JSON answers"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    repo_id = re.search(r'tinyvlm\.load\("([^"]+)"\)', block).group(1)
+    cache = fake_hf_cache(tmp_path / "hub", repo_id, checkpoints["v2"].path)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-c", block], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("{'scene': ")

@@ -331,3 +331,18 @@ def test_remote_media_when_allowed(vlm, shared_data):
         server.shutdown()
         files.shutdown()
         files.server_close()
+
+
+def test_response_format_json(server, photo_uri):
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}, "things": {"type": "array",
+              "items": {"type": "string"}}}, "required": ["colour", "things"]}
+    c = client(server)
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}):
+        reply = c.chat.completions.create(model=MODEL, messages=question(photo_uri), max_tokens=40,
+                                          response_format=fmt)
+        value = json.loads(reply.choices[0].message.content)
+        assert isinstance(value, dict) and (fmt["type"] == "json_object" or value["colour"] in ("red", "blue"))
+    with pytest.raises(openai.BadRequestError, match="response_format: .*'pattern' is not supported"):
+        c.chat.completions.create(model=MODEL, messages=question(photo_uri), max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+                "a": {"type": "string", "pattern": "x"}}}}})

@@ -79,6 +79,21 @@ def _json_item(line: str, where: str, base: Path, default: str | None) -> Item:
     return Item(_relative(obj["image"], base), prompt)
 
 
+def response_format(json_object: bool, schema_file: str | None) -> dict[str, Any] | None:
+    """--json / --json-schema FILE as a response_format (checked here, before any model loads)."""
+    from tinyvlm.json_grammar import response_schema
+    from tinyvlm.limits import read_json_file
+
+    if schema_file is not None:
+        schema = read_json_file(Path(schema_file), TinyVLMError)
+        fmt: dict[str, Any] | None = {"type": "json_schema", "json_schema": {"schema": schema}}
+    else:
+        fmt = {"type": "json_object"} if json_object else None
+    if fmt is not None:
+        response_schema(fmt)
+    return fmt
+
+
 def done_items(out: Path) -> set[tuple[str, str]]:
     """The (image, prompt) pairs already answered in `out`; a last line without its newline is cut off first."""
     if not out.exists():

@@ -92,14 +92,17 @@ class Chat:
         repetition_penalty: float = _DEFAULTS.repetition_penalty,
         seed: int | None = _DEFAULTS.seed,
         stop: Sequence[str] = (),
+        response_format: dict[str, Any] | None = None,
     ) -> str | Iterator[str]:
-        """The answer to the next turn: the text, or an iterator of its pieces if `stream`."""
+        """The answer to the next turn: the text, or an iterator of its pieces if `stream`; `response_format`
+        constrains it to JSON, as in VLM.generate."""
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        constraint = self.vlm.json_constraint(response_format)
         ids, images = self._turn_ids(question)
         embeds = self.vlm.embed(ids, images)  # (T, D)
         turn_start, generated = self.cache.pos, []
         history = [t for t in self.history + ids if t >= 0]
-        pieces = self.vlm.reply(embeds, self.cache, cfg, list(stop), history, generated)
+        pieces = self.vlm.reply(embeds, self.cache, cfg, list(stop), history, generated, constraint)
         encode_s, self._encode_s = (self._encode_s, None) if images else (None, self._encode_s)
         self.vlm.stats.reset(encode_s)  # the image encode is reported once, with the turn that first used it
         pieces = self._closing_turn(pieces, ids, generated, turn_start, turn_start + len(embeds))

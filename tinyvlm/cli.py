@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="ask about every image of a folder or list, into a resumable JSONL file")
     batch.add_argument("input", help="a folder of images, a text file of image paths, or a JSONL with image/prompt")
     batch.add_argument("--out", required=True, help="the JSONL output; a rerun skips what it already holds")
+    batch.add_argument("--json", action="store_true", help="answers constrained to a JSON object")
+    batch.add_argument("--json-schema", help="a file with a JSON schema the answers follow (json_grammar.py's subset)")
     generation_arguments(batch, "--prompt", "the question for every image (a JSONL line's own prompt wins)")
     model_arguments(batch)
 
@@ -203,6 +205,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from tinyvlm import batch
 
     gen = generation(args)
+    response_format = batch.response_format(args.json, args.json_schema)
     out = Path(args.out)
     todo = list(batch.pending(batch.items(args.input, args.prompt), out))  # bad input fails before the load
     if not todo:
@@ -211,7 +214,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     vlm = load_model(args)
 
     def answer(item: batch.Item) -> tuple[str, int]:
-        text = vlm.generate(item.prompt, image=item.image, system=args.system, **gen)
+        text = vlm.generate(item.prompt, image=item.image, system=args.system, response_format=response_format, **gen)
         return text, vlm.stats.answer_tokens
 
     writer = batch.Writer(out)

@@ -16,6 +16,7 @@ from tinyvlm.backends import Array
 from tinyvlm.cache import KVCache
 from tinyvlm.config import GenerationConfig
 from tinyvlm.errors import PromptError
+from tinyvlm.json_constraint import JsonConstraint
 from tinyvlm.kernels import softmax
 
 
@@ -64,6 +65,33 @@ def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Genera
     return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
 
 
+def sample_allowed(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, history: Sequence[int],
+                   constraint: JsonConstraint) -> int:
+    """sample_next among the ids `constraint` allows. Greedy: the best ids in order until one is allowed. Sampling:
+    draws from the processed distribution, each refused id taken out before the next draw (the same law as masking
+    first); when every id with probability left is refused, the best allowed id. When the tokens left would no longer
+    fit the shortest completion, that completion, in as few tokens as the vocabulary allows."""
+    closing = constraint.closing_token()
+    if closing is not None:  # out of tokens: the shortest way to the end of the value
+        return closing
+    scores = penalize_repetition(logits, cfg.repetition_penalty, history)
+    if cfg.temperature != 0.0:
+        probs = softmax(processed_logits(logits, cfg, history).astype(np.float64))
+        for _ in range(64):
+            total = probs.sum()
+            if not total > 0:
+                break
+            token = int(np.searchsorted(np.cumsum(probs), rng.random() * total, side="right"))
+            token = min(token, probs.shape[0] - 1)
+            if constraint.allows(token):
+                return token
+            probs[token] = 0.0
+    for token in np.argsort(-scores, kind="stable"):
+        if constraint.allows(int(token)):
+            return int(token)
+    raise PromptError("no token can continue the JSON answer")  # unreachable: some token always fits
+
+
 class CausalLM(Protocol):
     """What the loop needs from a model (LanguageModel provides it)."""
 
@@ -75,7 +103,8 @@ class CausalLM(Protocol):
 
 
 def generate_tokens(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: GenerationConfig, *,
-                    stop_ids: Collection[int], history: list[int]) -> Iterator[int]:
+                    stop_ids: Collection[int], history: list[int],
+                    constraint: JsonConstraint | None = None) -> Iterator[int]:
     """Prefill `prompt_embeds` (T, D) at cache.pos, then yield one new id per step.
 
     Stops, without raising, after cfg.max_new_tokens ids, when the context is full (the next id would have no
@@ -83,21 +112,25 @@ def generate_tokens(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: 
     chat layer that wants it in the conversation feeds it itself. Every yielded id is appended to `history`
     (which the repetition penalty reads) and fed into the cache before the next one is sampled; only the
     last id of a run that hits max_new_tokens (or that the consumer abandons) is left unfed. Raises PromptError
-    at once if the prompt is empty or does not fit the cache.
+    at once if the prompt is empty or does not fit the cache. With a `constraint` (json_constraint.py) only ids
+    that continue its JSON are taken, and the end of the JSON value ends the answer.
     """
     n = prompt_embeds.shape[0]
     if n == 0:
         raise PromptError("the prompt is empty: generation needs at least one token to start from")
     cache.check_room(n, "prompt tokens")
-    return _loop(model, prompt_embeds, cache, cfg, stop_ids, history)
+    if constraint is not None and constraint.shortest() > cfg.max_new_tokens:
+        raise PromptError(f"max_new_tokens {cfg.max_new_tokens} is too few for a JSON answer: the shortest one "
+                          f"this format allows takes {constraint.shortest()} tokens")
+    return _loop(model, prompt_embeds, cache, cfg, stop_ids, history, constraint)
 
 
 def _loop(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: GenerationConfig,
-          stop_ids: Collection[int], history: list[int]) -> Iterator[int]:
+          stop_ids: Collection[int], history: list[int], constraint: JsonConstraint | None) -> Iterator[int]:
     rng = np.random.default_rng(cfg.seed)
     # Plain greedy decoding needs only the argmax, which the model finds where its logits are (on a GPU: one id
     # crosses to the host, not V logits); the same id sample_next would pick.
-    greedy = cfg.temperature == 0.0 and cfg.repetition_penalty == 1.0
+    greedy = cfg.temperature == 0.0 and cfg.repetition_penalty == 1.0 and constraint is None
 
     def step_from(embeds: Array) -> np.ndarray | int:
         """(T, D) embeddings through the model: the last position's (V,) logits, or with `greedy` their argmax."""
@@ -107,10 +140,19 @@ def _loop(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: Generation
     for step in range(cfg.max_new_tokens):
         if cache.free == 0:
             return  # context full
-        token = scored if greedy else sample_next(scored, cfg, rng, history)
+        if greedy:
+            token = scored
+        elif constraint is not None:
+            constraint.close_within(cfg.max_new_tokens - step)
+            token = sample_allowed(scored, cfg, rng, history, constraint)
+            constraint.advance(token)
+        else:
+            token = sample_next(scored, cfg, rng, history)
         if token in stop_ids:
             return
         history.append(token)
         yield token
+        if constraint is not None and constraint.done:
+            return  # the JSON value is complete
         if step + 1 < cfg.max_new_tokens:
             scored = step_from(model.embed([token]))  # one id

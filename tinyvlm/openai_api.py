@@ -3,7 +3,8 @@ runs, and the response objects. No HTTP here.
 
 Accepted in a request: `model`, `messages` (system, user and assistant turns; content a string or a list of
 `text` and `image_url` parts), `stream`, `stream_options.include_usage`, `max_tokens` / `max_completion_tokens`,
-`temperature`, `top_p`, `top_k`, `seed`, `stop`, `repetition_penalty`, `n` (1 only) and `user` (ignored). Any other
+`temperature`, `top_p`, `top_k`, `seed`, `stop`, `repetition_penalty`, `response_format` ({"type": "text"},
+"json_object", or "json_schema" with the subset of json_constraint.py), `n` (1 only) and `user` (ignored). Any other
 field is refused with a 400 naming it, never ignored. Images: one per conversation (MobileVLM's prompt holds one),
 as a `data:` URI (always), an http(s) URL (only when the server allows remote media) or a local path or file://
 URL (only inside the allowed media folder, after resolving `..` and symbolic links).
@@ -22,10 +23,11 @@ from urllib.parse import unquote, urlparse
 
 from tinyvlm.config import GenerationConfig
 from tinyvlm.errors import TinyVLMError
+from tinyvlm.json_grammar import response_schema
 from tinyvlm.prompt import IMAGE_TOKEN
 
 KNOWN = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-         "top_p", "top_k", "seed", "stop", "repetition_penalty", "n", "user"}
+         "top_p", "top_k", "seed", "stop", "repetition_penalty", "n", "user", "response_format"}
 REMOTE_MEDIA_BYTES = 20 * 2**20  # the most an http(s) image may send
 
 
@@ -60,6 +62,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     stop: list[str] = field(default_factory=list)
+    response_format: dict[str, Any] | None = None  # checked: json_object or json_schema
 
 
 def parse(body: Any, media: Media) -> ChatRequest:
@@ -97,8 +100,17 @@ def _parse(body: Any, media: Media) -> ChatRequest:
     if not isinstance(stream, bool) or not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise ApiError(400, "stream must be true or false, and stream_options may hold only include_usage",
                        param="stream")
+    response_format = body.get("response_format")
+    if response_format == {"type": "text"}:
+        response_format = None
+    if response_format is not None:
+        try:
+            response_schema(response_format)
+        except TinyVLMError as e:
+            raise ApiError(400, f"response_format: {e}", param="response_format") from None
     system, turns, image, image_turn = _conversation(body.get("messages"), media)
-    return ChatRequest(config, system, turns, image, image_turn, stream, bool(options.get("include_usage")), stop)
+    return ChatRequest(config, system, turns, image, image_turn, stream, bool(options.get("include_usage")), stop,
+                       response_format)
 
 
 def _conversation(messages: Any, media: Media) -> tuple[str | None, list[tuple[str, str | None]], Any, int]:

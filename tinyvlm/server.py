@@ -177,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         embeds = vlm.embed(ids, images)
         generated: list[int] = []
         pieces = vlm.reply(embeds, vlm.language.new_cache(), req.config, req.stop, [t for t in ids if t >= 0],
-                           generated)
+                           generated, vlm.json_constraint(req.response_format))
         rid, model = openai_api.new_id(), state.model_id
         first: float | None = None
         texts: list[str] = []

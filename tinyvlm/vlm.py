@@ -21,6 +21,7 @@ from tinyvlm.config import GenerationConfig, ModelConfig, VisionConfig
 from tinyvlm.errors import PromptError
 from tinyvlm.generate import generate_tokens
 from tinyvlm.image_cache import ImageCache
+from tinyvlm.json_constraint import JsonConstraint, response_schema
 from tinyvlm.language import LanguageModel
 from tinyvlm.processor import preprocess
 from tinyvlm.projector import Projector
@@ -193,24 +194,34 @@ class VLM:
         stream: bool = False,
         system: str | None = None,
         stop: Sequence[str] = (),
+        response_format: dict[str, Any] | None = None,
     ) -> str | Iterator[str]:
-        """Answer one question about an image (or none). Returns the text, or an iterator of pieces if stream."""
+        """Answer one question about an image (or none). Returns the text, or an iterator of pieces if stream.
+        `response_format` (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema":
+        ...}}) constrains the answer to JSON (tinyvlm/json_constraint.py)."""
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        constraint = self.json_constraint(response_format)
         features = None if image is None else self.encode_image(image)  # (N, D)
         encode_s = self.stats.image_encode_s if features is not None else None
         ids = tokenize_with_images(self.tokenizer, self.first_turn_text(prompt, features is not None, system))
         embeds = self.embed(ids, [features] if features is not None and count_images(ids) else [])  # (T, D)
-        pieces = self.reply(embeds, self.language.new_cache(), cfg, list(stop), [t for t in ids if t >= 0], [])
+        pieces = self.reply(embeds, self.language.new_cache(), cfg, list(stop), [t for t in ids if t >= 0], [],
+                            constraint)
         self.stats.reset(encode_s)
         return pieces if stream else "".join(pieces).strip()
 
+    def json_constraint(self, response_format: dict[str, Any] | None) -> JsonConstraint | None:
+        """A fresh constraint for one answer, or None without a response_format."""
+        return None if response_format is None else JsonConstraint(response_schema(response_format), self.tokenizer)
+
     def reply(self, embeds: Array, cache: KVCache, cfg: GenerationConfig, stops: list[str], history: list[int],
-              generated: list[int]) -> Iterator[str]:
+              generated: list[int], constraint: JsonConstraint | None = None) -> Iterator[str]:
         """Prefill `embeds` (T, D) at cache.pos and stream the answer's text until `</s>`, a stop string,
         max_new_tokens or a full context. Each new id is appended to `generated` and `history`; self.stats
         receives the prefill and decode timings, also when the consumer stops early. Raises PromptError at once
         (before any text is asked for) if the prompt is empty or does not fit the cache."""
-        tokens = generate_tokens(self.language, embeds, cache, cfg, stop_ids={self.tokenizer.eos_id}, history=history)
+        tokens = generate_tokens(self.language, embeds, cache, cfg, stop_ids={self.tokenizer.eos_id}, history=history,
+                                 constraint=constraint)
         return self._text(tokens, len(embeds), stops, generated)
 
     def _text(self, tokens: Iterator[int], n_prompt: int, stops: list[str], generated: list[int]) -> Iterator[str]:
