@@ -86,6 +86,9 @@ def sample_allowed(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Gen
             if constraint.allows(token):
                 return token
             probs[token] = 0.0
+    best = int(np.argmax(scores))  # most steps: the best id fits, and no sort of the whole vocabulary is needed
+    if constraint.allows(best):
+        return best
     for token in np.argsort(-scores, kind="stable"):
         if constraint.allows(int(token)):
             return int(token)
