@@ -2,12 +2,17 @@
 tests' shapes) or MobileVLM_V2-1.7B's real shapes (int4 LLM), over distinct images, then over the same images each
 asked twice (the second time from the image-embedding cache). One process, the default backend.
 
-Prints one JSON line per case. Run: `python benchmarks/bench_batch.py --shapes real --images 4 --threads 2`.
+With `--model DIR`, instead: the `batch` command itself on that model directory, in one process and then with
+`--ray` (a local cluster, `--ray-actors` actors), side by side.
+
+Prints one JSON line per case. Run: `python benchmarks/bench_batch.py --shapes real --images 4 --threads 2`, or
+`python benchmarks/bench_batch.py --model DIR --images 8`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -53,13 +58,41 @@ def build(shapes: str, threads: int) -> VLM:
     return vlm
 
 
+def command_against_ray(model: str, images: int, max_tokens: int, actors: int) -> None:
+    """The batch command on `model`: one process, then on a local Ray cluster; one JSON line each."""
+    import os
+    import subprocess
+    import sys
+
+    folder = Path(tempfile.mkdtemp(prefix="tinyvlm-bench-batch-ray-"))
+    rng = np.random.default_rng(2)
+    for i in range(images):
+        Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    for how, extra in (("one process", []), (f"ray, {actors} actors", ["--ray", "--ray-actors", str(actors)])):
+        out = folder / f"{len(extra)}.jsonl"
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "tinyvlm", "batch", str(folder), "--prompt", "Describe the image.",
+                               "--out", str(out), "--model", model, "--max-tokens", str(max_tokens), *extra],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        seconds = time.perf_counter() - t0
+        emit({"bench": "batch_command", "how": how, "model": model, "images": images, "max_tokens": max_tokens,
+              "cpus": os.cpu_count(), "seconds_with_load": round(seconds, 2),
+              "images_per_s_with_load": round(images / seconds, 3),
+              "answer_seconds": round(sum(json.loads(line)["seconds"] for line in out.read_text().splitlines()), 2),
+              **({"error": done.stderr.strip().splitlines()[-1]} if done.returncode else {})})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a model directory: time the batch command, in one process and on Ray")
+    ap.add_argument("--ray-actors", type=int, default=2)
     ap.add_argument("--shapes", choices=("tiny", "real"), default="tiny")
     ap.add_argument("--images", type=int, default=8, help="distinct images")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.model:
+        return command_against_ray(args.model, args.images, args.max_tokens, args.ray_actors)
     pin_threads(args.threads)
     vlm = build(args.shapes, args.threads)
     folder = Path(tempfile.mkdtemp(prefix="tinyvlm-bench-batch-"))

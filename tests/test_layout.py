@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tinyvlm"
 # Highest layer first. A name ending in "." covers a package and everything in it.
 LAYERS = [
     ("cli", ["tinyvlm.cli", "tinyvlm.__main__", "tinyvlm.options"]),
-    ("server and batch", ["tinyvlm.server", "tinyvlm.openai_api", "tinyvlm.batch"]),
+    ("server and batch", ["tinyvlm.server", "tinyvlm.openai_api", "tinyvlm.batch", "tinyvlm.batch_ray"]),
     ("public API and loading", ["tinyvlm", "tinyvlm.loading."]),
     ("composition", ["tinyvlm.vlm", "tinyvlm.chat"]),
     ("model parts", ["tinyvlm.vision", "tinyvlm.projector", "tinyvlm.language", "tinyvlm.cache", "tinyvlm.generate",

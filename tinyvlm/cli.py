@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="ask about every image of a folder or list, into a resumable JSONL file")
     batch.add_argument("input", help="a folder of images, a text file of image paths, or a JSONL with image/prompt")
     batch.add_argument("--out", required=True, help="the JSONL output; a rerun skips what it already holds")
+    batch.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="run on Ray Data: a cluster's address, or none for a local one (the [ray] extra)")
+    batch.add_argument("--ray-actors", type=int, default=2, help="model copies on Ray (default %(default)s)")
+    batch.add_argument("--ray-actor-cpus", type=float, default=0.5, help="CPUs each asks for (default %(default)s)")
     batch.add_argument("--json", action="store_true", help="answers constrained to a JSON object")
     batch.add_argument("--json-schema", help="a file with a JSON schema the answers follow (json_grammar.py's subset)")
     generation_arguments(batch, "--prompt", "the question for every image (a JSONL line's own prompt wins)")
@@ -211,6 +215,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if not todo:
         print(f"tinyvlm: nothing to do: {out} already answers every image", file=sys.stderr)
         return 0
+    if args.ray is not None:
+        return _batch_on_ray(args, todo, out, gen, response_format)
     vlm = load_model(args)
 
     def answer(item: batch.Item) -> tuple[str, int]:
@@ -223,6 +229,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
     finally:
         writer.close()
     print(f"tinyvlm: {counts['answered']} answered, {counts['failed']} failed, into {out}", file=sys.stderr)
+    return 0
+
+
+def _batch_on_ray(args: argparse.Namespace, todo: list, out: Any, gen: dict[str, Any],
+                  response_format: dict[str, Any] | None) -> int:
+    from tinyvlm import batch, batch_ray
+
+    options = dict(path_or_repo_id=args.model or default_model(args.offline), quant=args.quant, backend=args.backend,
+                   vision_tower=args.vision_tower, mmproj=args.mmproj, decode_activations=args.decode_activations,
+                   vision_weights=args.vision_weights, offline=args.offline)
+    writer = batch.Writer(out)
+    try:
+        counts = batch_ray.run(args.ray or None, todo, writer, options,
+                               {**gen, "system": args.system, "response_format": response_format}, args.ray_actors,
+                               args.ray_actor_cpus, batch.console_progress)
+    finally:
+        writer.close()
+    print(f"tinyvlm: {counts['answered']} answered, {counts['failed']} failed, into {out} (on Ray)", file=sys.stderr)
     return 0
 
 
