@@ -4,9 +4,10 @@ The (image, prompt) pairs still to answer become a dataset; `map_batches` runs t
 of which loads the model once and answers one pair at a time. The driver writes each result as it arrives, through
 the same line-atomic writer, so the output and its resuming are those of a local batch.
 
-Resources that cannot deadlock: an actor asks for `actor_cpus` (default 0.5) of a CPU, so that Ray Data's own
-tasks always find room beside the actors (with whole CPUs, 2 actors on a 2-core machine left none, and the job
-hung). Each actor's kernels run on max(1, floor(actor_cpus)) threads. Without an address, a local cluster of this
+Resources that cannot deadlock: the dataset is built in the driver (from_items: no read task that needs a CPU),
+and an actor asks for `actor_cpus` (default 0.5) of a CPU, so that Ray Data's own tasks find room beside the actors
+even where these take every core (2 actors of 1 CPU on 2 cores were seen to hang a job whose read task starved).
+Each actor's kernels run on max(1, floor(actor_cpus)) threads. Without an address, a local cluster of this
 machine's cores is started and stopped again.
 """
 from __future__ import annotations
