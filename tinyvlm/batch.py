@@ -26,6 +26,7 @@ from tinyvlm.limits import shown
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_LIST_BYTES = 1 << 30  # the largest text or JSONL input read
+FIELDS = ("image", "prompt", "answer", "tokens", "seconds", "error")  # of an output line
 
 
 @dataclass(frozen=True)
@@ -130,23 +131,35 @@ class Writer:
         os.close(self.fd)
 
 
+def answerer(vlm: Any, generation: dict[str, Any]) -> Callable[[Item], tuple[str, int]]:
+    """An item -> (answer, tokens) function of a loaded model; `generation`: VLM.generate's keyword arguments."""
+    def answer(item: Item) -> tuple[str, int]:
+        return vlm.generate(item.prompt, image=item.image, **generation), vlm.stats.answer_tokens
+    return answer
+
+
+def record(answer: Callable[[Item], tuple[str, int]], item: Item) -> dict[str, Any]:
+    """The output line of one item: its answer, or the error that an unreadable image or a prompt too long gave."""
+    t0 = time.perf_counter()
+    line: dict[str, Any] = {"image": item.image, "prompt": item.prompt, "answer": None, "tokens": 0,
+                            "seconds": 0.0, "error": None}
+    try:
+        line["answer"], line["tokens"] = answer(item)
+    except TinyVLMError as e:  # its line says so, and the batch goes on
+        line["error"] = str(e)
+    line["seconds"] = round(time.perf_counter() - t0, 3)
+    return line
+
+
 def run(answer: Callable[[Item], tuple[str, int]], todo: list[Item], writer: Writer,
         progress: Callable[[int, int, float], None] | None = None) -> dict[str, int]:
     """Answer each item, writing its line as soon as it is done; counts of answered and failed."""
     counts = {"answered": 0, "failed": 0}
     start = time.perf_counter()
     for i, item in enumerate(todo):
-        t0 = time.perf_counter()
-        record: dict[str, Any] = {"image": item.image, "prompt": item.prompt, "answer": None, "tokens": 0,
-                                  "seconds": 0.0, "error": None}
-        try:
-            record["answer"], record["tokens"] = answer(item)
-            counts["answered"] += 1
-        except TinyVLMError as e:  # an unreadable image, a prompt too long: its line says so, the batch goes on
-            record["error"] = str(e)
-            counts["failed"] += 1
-        record["seconds"] = round(time.perf_counter() - t0, 3)
-        writer.write(record)
+        line = record(answer, item)
+        counts["failed" if line["error"] else "answered"] += 1
+        writer.write(line)
         if progress is not None:
             progress(i + 1, len(todo), time.perf_counter() - start)
     return counts

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tinyvlm.batch import Item, Writer
+from tinyvlm.batch import FIELDS, Item, Writer, answerer, record
 from tinyvlm.errors import TinyVLMError
 
 
@@ -29,24 +29,11 @@ class Answerer:
     def __init__(self, load_options: dict[str, Any], generation: dict[str, Any], threads: int) -> None:
         import tinyvlm
 
-        self.vlm = tinyvlm.load(**load_options, threads=threads)
-        self.generation = generation
+        self.answer = answerer(tinyvlm.load(**load_options, threads=threads), generation)
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"image": [], "prompt": [], "answer": [], "tokens": [], "seconds": [],
-                                     "error": []}
-        for image, prompt in zip(rows["image"], rows["prompt"]):
-            t0 = time.perf_counter()
-            answer, tokens, error = None, 0, None
-            try:
-                answer = self.vlm.generate(prompt, image=image, **self.generation)
-                tokens = self.vlm.stats.answer_tokens
-            except TinyVLMError as e:
-                error = str(e)
-            for key, value in (("image", image), ("prompt", prompt), ("answer", answer), ("tokens", tokens),
-                               ("seconds", round(time.perf_counter() - t0, 3)), ("error", error)):
-                out[key].append(value)
-        return out
+        lines = [record(self.answer, Item(image, prompt)) for image, prompt in zip(rows["image"], rows["prompt"])]
+        return {key: [line[key] for line in lines] for key in FIELDS}
 
 
 def run(address: str | None, todo: list[Item], writer: Writer, load_options: dict[str, Any],
@@ -78,10 +65,10 @@ def run(address: str | None, todo: list[Item], writer: Writer, load_options: dic
                                    "threads": max(1, math.floor(actor_cpus))})
         counts, start = {"answered": 0, "failed": 0}, time.perf_counter()
         for n, row in enumerate(results.iter_rows(), 1):
-            record = {key: row[key] for key in ("image", "prompt", "answer", "tokens", "seconds", "error")}
-            record["tokens"], record["seconds"] = int(record["tokens"]), float(record["seconds"])
-            counts["failed" if record["error"] else "answered"] += 1
-            writer.write(record)
+            line = {key: row[key] for key in FIELDS}
+            line["tokens"], line["seconds"] = int(line["tokens"]), float(line["seconds"])  # from NumPy scalars
+            counts["failed" if line["error"] else "answered"] += 1
+            writer.write(line)
             if progress is not None:
                 progress(n, len(todo), time.perf_counter() - start)
         return counts

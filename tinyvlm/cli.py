@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="ask about an image, once (-p) or interactively", epilog=USAGE_EXAMPLE)
     chat.add_argument("image", nargs="?", help="image file (optional for text-only models)")
-    generation_arguments(chat, "-p", "answer this question once and exit")
+    generation_arguments(chat, ("-p", "--prompt"), "answer this question once and exit")
     model_arguments(chat)
     chat.add_argument("--verbose", action="store_true", help="print timings and peak memory")
 
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--ray-actor-cpus", type=float, default=0.5, help="CPUs each asks for (default %(default)s)")
     batch.add_argument("--json", action="store_true", help="answers constrained to a JSON object")
     batch.add_argument("--json-schema", help="a file with a JSON schema the answers follow (json_grammar.py's subset)")
-    generation_arguments(batch, "--prompt", "the question for every image (a JSONL line's own prompt wins)")
+    generation_arguments(batch, ("--prompt",), "the question for every image (a JSONL line's own prompt wins)")
     model_arguments(batch)
 
     serve = sub.add_parser("serve", help="serve one model over an OpenAI-compatible HTTP API")
@@ -217,12 +217,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return 0
     if args.ray is not None:
         return _batch_on_ray(args, todo, out, gen, response_format)
-    vlm = load_model(args)
-
-    def answer(item: batch.Item) -> tuple[str, int]:
-        text = vlm.generate(item.prompt, image=item.image, system=args.system, response_format=response_format, **gen)
-        return text, vlm.stats.answer_tokens
-
+    answer = batch.answerer(load_model(args), {**gen, "system": args.system, "response_format": response_format})
     writer = batch.Writer(out)
     try:
         counts = batch.run(answer, todo, writer, batch.console_progress)

@@ -122,9 +122,10 @@ def generate_tokens(model: CausalLM, prompt_embeds: Array, cache: KVCache, cfg: 
     if n == 0:
         raise PromptError("the prompt is empty: generation needs at least one token to start from")
     cache.check_room(n, "prompt tokens")
-    if constraint is not None and constraint.shortest() > cfg.max_new_tokens:
+    shortest = constraint.shortest() if constraint is not None else 0
+    if shortest > cfg.max_new_tokens:
         raise PromptError(f"max_new_tokens {cfg.max_new_tokens} is too few for a JSON answer: the shortest one "
-                          f"this format allows takes {constraint.shortest()} tokens")
+                          f"this format allows takes {shortest} tokens")
     return _loop(model, prompt_embeds, cache, cfg, stop_ids, history, constraint)
 
 

@@ -95,7 +95,7 @@ def _key_then_rest(props: tuple | None, index: int) -> bytes:
 
 
 _TOKEN_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its tokens' bytes
-_BY_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {bytes: token id}
+_BY_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ({bytes: token id}, longest)
 
 
 class JsonConstraint:
@@ -106,14 +106,13 @@ class JsonConstraint:
         if table is None:  # each token's bytes, once per tokenizer; special tokens have none
             table = _TOKEN_BYTES[tokenizer] = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
         self._bytes = table
-        by_bytes = _BY_BYTES.get(tokenizer)
-        if by_bytes is None:  # bytes -> a token that is exactly them (the first such id)
-            by_bytes = _BY_BYTES[tokenizer] = {}
+        if tokenizer not in _BY_BYTES:  # bytes -> a token that is exactly them (the first such id); longest bytes
+            by_bytes: dict[bytes, int] = {}
             for i, data in enumerate(table):
                 if data:
                     by_bytes.setdefault(data, i)
-        self._by_bytes = by_bytes
-        self._longest = max(map(len, by_bytes), default=1)
+            _BY_BYTES[tokenizer] = (by_bytes, max(map(len, by_bytes), default=1))
+        self._by_bytes, self._longest = _BY_BYTES[tokenizer]
         self.root = root
         self.state: tuple | None = start(root)
         self.closing: bytes | None = None  # while set, the answer is being closed with these bytes

@@ -12,13 +12,12 @@ from tinyvlm.errors import ModelNotFound
 DEFAULT_MODEL = "mtgv/MobileVLM_V2-1.7B"  # what runs when nothing names a model and none is cached
 
 
-def generation_arguments(p: argparse.ArgumentParser, prompt_flag: str, prompt_help: str) -> None:
+def generation_arguments(p: argparse.ArgumentParser, prompt_flags: tuple[str, ...], prompt_help: str) -> None:
     """The question and the decoding settings (chat and batch)."""
     from tinyvlm.config import GenerationConfig
 
     defaults = GenerationConfig()
-    p.add_argument(*((prompt_flag, "--prompt") if prompt_flag != "--prompt" else ("--prompt",)), dest="prompt",
-                   help=prompt_help)
+    p.add_argument(*prompt_flags, dest="prompt", help=prompt_help)
     p.add_argument("--system", help="system prompt (default: the MobileVLM v1 one)")
     p.add_argument("--max-tokens", type=int, default=defaults.max_new_tokens, help="default %(default)s")
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy (default)")

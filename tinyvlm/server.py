@@ -195,8 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
                 texts.append(piece)
                 if req.stream:
                     self._event(openai_api.chunk(rid, model, {"content": piece}))
-        except OSError:  # the client went away: stop generating, free the model
-            pieces.close()
+        except OSError:  # the client went away: stop generating (finally), free the model
             self._count(499, len(embeds), generated, start, first)
             return
         finally:

@@ -69,11 +69,13 @@ def fetch(model_id: str, tower: bool = False) -> Path:
 
 
 def _why(model_id: str, e: Exception) -> str:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
     kind = type(e).__name__
-    if kind == "GatedRepoError":
+    if isinstance(e, GatedRepoError):  # a kind of RepositoryNotFoundError: asked first
         return (f"model {model_id!r} is gated on the Hugging Face Hub: accept its terms on huggingface.co, then log in "
                 "(`hf auth login`)")
-    if kind == "RepositoryNotFoundError":
+    if isinstance(e, RepositoryNotFoundError):
         return (f"model {model_id!r} is not on the Hugging Face Hub, or is private (log in with `hf auth login` if "
                 "it is yours)")
     text = str(e).strip()

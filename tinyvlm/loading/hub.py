@@ -11,6 +11,7 @@ network access:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -89,8 +90,6 @@ def complete(snapshot: Path, tower: bool = False) -> bool:
         return False  # shards are read through their index
     if index is not None:
         try:
-            import json
-
             needed = set(json.loads((snapshot / index).read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
